@@ -1,0 +1,2 @@
+"""dtrain: distributed training for PyTorch."""
+__version__ = "0.1.0"

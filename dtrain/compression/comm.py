@@ -1,0 +1,83 @@
+"""Collectives with exact byte accounting.
+
+Every strategy talks to other ranks only through `Comm`, so the bytes it reports are by construction the
+bytes it handed to collectives:
+
+- payload sent = elements x element size of every tensor passed to a collective (padding included);
+- payload received = what the collective delivered from other ranks;
+- wire bytes = what the collective's algorithm puts on this rank's link, estimated:
+  ring all-reduce sends 2(S-1)/S x payload, all_gather (ring) sends (S-1) x own payload.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .base import CommStats
+
+
+class Comm:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.stats = CommStats()
+
+    # ------------------------------------------------------------------ accounting
+    def reset(self) -> CommStats:
+        """Return the stats gathered since the last reset, and start a new step."""
+        stats, self.stats = self.stats, CommStats()
+        return stats
+
+    def account(self, name: str, sent: int, recv: int, wire: float, seconds: float) -> None:
+        s = self.stats
+        s.bytes_sent += sent
+        s.bytes_recv += recv
+        s.wire_bytes += wire
+        s.time_s += seconds
+        s.per_layer[name] = s.per_layer.get(name, 0) + sent
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce_(self, tensor: torch.Tensor, name: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place sum (default) over ranks."""
+        nbytes = tensor.numel() * tensor.element_size()
+        S = self.world_size
+        t0 = time.perf_counter()
+        if S > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        self.account(name, nbytes, nbytes, 2.0 * (S - 1) / S * nbytes, time.perf_counter() - t0)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, name: str) -> list[torch.Tensor]:
+        """Same-shaped tensors from every rank, in rank order."""
+        tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        S = self.world_size
+        t0 = time.perf_counter()
+        if S > 1:
+            out = [torch.empty_like(tensor) for _ in range(S)]
+            dist.all_gather(out, tensor, group=self.group)
+        else:
+            out = [tensor]
+        self.account(name, nbytes, (S - 1) * nbytes, (S - 1) * nbytes, time.perf_counter() - t0)
+        return out
+
+    def all_gather_rows(self, tensor: torch.Tensor, rows: list[int], name: str) -> list[torch.Tensor]:
+        """Gather 2-D tensors whose row counts differ by rank (`rows` from `exchange_counts`).
+
+        Pads to the largest count: the padding is sent, so it is counted.
+        """
+        n_max = max(rows)
+        if tensor.shape[0] < n_max:
+            pad = tensor.new_zeros((n_max - tensor.shape[0],) + tuple(tensor.shape[1:]))
+            tensor = torch.cat([tensor, pad])
+        parts = self.all_gather(tensor, name)
+        return [p[:n] for p, n in zip(parts, rows)]
+
+    def exchange_counts(self, counts: list[int], name: str = "meta/counts") -> list[list[int]]:
+        """All-gather a short list of ints (e.g. rows per layer): result[r] is rank r's list."""
+        t = torch.tensor(counts, dtype=torch.int64)
+        return [p.tolist() for p in self.all_gather(t, name)]

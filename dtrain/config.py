@@ -1,0 +1,258 @@
+"""Typed, validated run configuration.
+
+A YAML file plus `--set key.path=value` overrides become a `Config`. Validation happens here, before any
+process group exists, and every problem is reported as one line naming the key, the bad value and what is
+allowed (`ConfigError`).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STRATEGIES = ("allreduce", "ddp", "ddp-powersgd", "powersgd", "dad", "rankdad", "auto")
+EXACT_STRATEGIES = ("allreduce", "ddp", "dad")
+TASKS = ("parity", "s5", "a5", "listops")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    attention: Literal["vanilla", "fpsa"] = "fpsa"
+    d_model: int = Field(64, ge=8)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_ff: Optional[int] = Field(None, ge=1, description="feed-forward width; default 4*d_model")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    learned_temperature: bool = Field(
+        False, description="FPSA only: a learned per-head temperature. ADDS n_heads parameters per layer."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        return self
+
+
+class FPSAConfig(_Section):
+    max_iter: int = Field(8, ge=1, le=1000)
+    tol: float = Field(1e-3, gt=0.0)
+    damping: float = Field(0.5, gt=0.0, le=1.0, description="alpha in Z <- (1-alpha) Z + alpha F(Z)")
+    reinject: bool = Field(True, description="input re-injection F(Z) = X + U(Z); False is the ablation F = U")
+    backward: Literal["implicit", "phantom", "bptt"] = "implicit"
+    adj_max_iter: int = Field(30, ge=1)
+    adj_tol: float = Field(1e-6, gt=0.0)
+    phantom_steps: int = Field(1, ge=1)
+    spectral_norm: bool = False
+
+
+class DataConfig(_Section):
+    task: Literal["parity", "s5", "a5", "listops"] = "parity"
+    seq_len: int = Field(16, ge=2, le=4096)
+    max_depth: int = Field(3, ge=1, le=10, description="listops: deepest nesting (the difficulty)")
+    n_val: int = Field(512, ge=1)
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1, description="GLOBAL batch over all ranks")
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables")
+    engine: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = Field(0, ge=0, le=3)
+    deepspeed_config: Optional[str] = Field(None, description="a ds_config JSON merged over the generated one")
+    comms_logger: bool = False
+    nan_policy: Literal["skip", "stop"] = "skip"
+    consistency_every: int = Field(0, ge=0, description="replica checksum every N steps; 0 disables")
+
+
+class CommConfig(_Section):
+    strategy: Literal["allreduce", "ddp", "ddp-powersgd", "powersgd", "dad", "rankdad", "auto"] = "allreduce"
+    rank: int = Field(4, ge=1, description="compression rank (powersgd, ddp-powersgd, rankdad)")
+    power_iters: int = Field(1, ge=1, description="subspace iterations per step (rankdad)")
+    rankdad_mode: Literal["oneway", "twoway"] = "oneway"
+    error_feedback: bool = True
+    warm_start: bool = True
+    start_step: int = Field(2, ge=1, description="powersgd: steps of plain all-reduce before compressing")
+    min_compression_rate: float = Field(2.0, ge=1.0)
+    factor_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    bucket_mb: float = Field(25.0, gt=0.0)
+    timeout_s: float = Field(300.0, gt=0.0, description="a collective that takes longer fails the job")
+
+
+class EvalConfig(_Section):
+    every: int = Field(50, ge=0, description="0: only at the end")
+    batch_size: int = Field(256, ge=1)
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="0: only at the end")
+    keep: int = Field(2, ge=1)
+
+
+class LogConfig(_Section):
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "dtrain"
+    every: int = Field(1, ge=1)
+    progress: bool = True
+
+
+class RunConfig(_Section):
+    dir: Optional[str] = Field(None, description="default: runs/<config name>-<strategy>-w<world size>")
+    name: Optional[str] = None
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    fpsa: FPSAConfig = FPSAConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    comm: CommConfig = CommConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        t = self.train
+        if t.engine == "deepspeed" and t.zero_stage >= 2 and self.comm.strategy != "allreduce":
+            raise ValueError(
+                f"train.zero_stage={t.zero_stage} with comm.strategy={self.comm.strategy!r}: ZeRO-2/3 partition "
+                "gradients inside DeepSpeed, so a custom strategy cannot see whole gradients; use zero_stage 0 or 1, "
+                "or comm.strategy=allreduce (DeepSpeed's own reduction)"
+            )
+        if t.engine == "torch" and t.zero_stage:
+            raise ValueError(f"train.zero_stage={t.zero_stage} needs train.engine=deepspeed")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _fmt_loc(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc if not str(x).startswith("function-after"))
+
+
+def _allowed_for(loc: tuple) -> str | None:
+    """Names of the fields a section accepts (for unknown-key messages)."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        cls = field.annotation
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return ", ".join(cls.model_fields)
+    return None
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(e.get("loc", ()))
+    key = _fmt_loc(loc)
+    value = e.get("input")
+    kind = e.get("type", "")
+    if kind == "extra_forbidden":
+        allowed = _allowed_for(loc)
+        return f"unknown config key '{key}'" + (f" (allowed in this section: {allowed})" if allowed else "")
+    if kind in ("literal_error", "enum"):
+        allowed = e.get("ctx", {}).get("expected", "")
+        return f"{key}: {value!r} is not allowed; allowed: {allowed}"
+    if kind == "value_error":
+        return str(e.get("ctx", {}).get("error", e.get("msg")))
+    if kind == "model_type":
+        return f"{key or 'config'}: expected a mapping of keys, got {value!r}"
+    msg = e.get("msg", "invalid")
+    return f"{key}: {value!r} is invalid: {msg[0].lower() + msg[1:]}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as a YAML scalar)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config path is a directory, not a file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data = load_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def strategy_names() -> tuple[str, ...]:
+    return get_args(CommConfig.model_fields["strategy"].annotation)

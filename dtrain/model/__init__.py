@@ -1,0 +1,6 @@
+"""SELF-Transformer (see dtrain/model/transformer.py and fpsa.py). Contract used by the trainer:
+
+    model = build_model(cfg, task.spec)         # cfg: dtrain.config.Config
+    logits = model(tokens, mask)                # [B, C] per-sequence, [B, L, C] per-token
+    model.fpsa_stats()                          # {'fpsa/iters_mean': .., 'fpsa/iters_l0': .., ...} of the last forward
+"""
