@@ -11,7 +11,7 @@ bytes it handed to collectives:
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,23 +32,28 @@ class Comm:
         stats, self.stats = self.stats, CommStats()
         return stats
 
-    def account(self, name: str, sent: int, recv: int, wire: float, seconds: float) -> None:
+    def account(self, name: str, sent: int, recv: int, wire: float, seconds: float,
+                parts: Optional[Mapping[str, int]] = None) -> None:
+        """`parts`: bytes_sent split by layer name, for a flat buffer that packs several layers (its values sum
+        to `sent`); per_layer is charged by part instead of under `name`."""
         s = self.stats
         s.bytes_sent += sent
         s.bytes_recv += recv
         s.wire_bytes += wire
         s.time_s += seconds
-        s.per_layer[name] = s.per_layer.get(name, 0) + sent
+        for key, nbytes in (parts or {name: sent}).items():
+            s.per_layer[key] = s.per_layer.get(key, 0) + nbytes
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce_(self, tensor: torch.Tensor, name: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-        """In-place sum (default) over ranks."""
+    def all_reduce_(self, tensor: torch.Tensor, name: str, op: dist.ReduceOp = dist.ReduceOp.SUM,
+                    parts: Optional[Mapping[str, int]] = None) -> torch.Tensor:
+        """In-place sum (default) over ranks. `parts`: see `account`."""
         nbytes = tensor.numel() * tensor.element_size()
         S = self.world_size
         t0 = time.perf_counter()
         if S > 1:
             dist.all_reduce(tensor, op=op, group=self.group)
-        self.account(name, nbytes, nbytes, 2.0 * (S - 1) / S * nbytes, time.perf_counter() - t0)
+        self.account(name, nbytes, nbytes, 2.0 * (S - 1) / S * nbytes, time.perf_counter() - t0, parts)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, name: str) -> list[torch.Tensor]:

@@ -1,0 +1,22 @@
+# The README's two commands: `make quickstart` (main job) and `make test` (set-up + test suite).
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart test test-all clean
+
+setup:
+	@scripts/setup.sh
+
+quickstart: setup
+	@scripts/quickstart.sh
+
+# Default suite: everything but the tests marked slow. Tests marked root run where root and `ip netns`
+# exist and skip with the reason elsewhere; gpu tests skip without CUDA.
+test: setup
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

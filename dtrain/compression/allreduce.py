@@ -1,0 +1,37 @@
+"""`allreduce`: the exact baseline. Every gradient, fp32, bucketed, summed over ranks and divided by their number."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.distributed as dist
+from torch import nn
+
+from .base import CommStats, Strategy
+from .buckets import BucketedMean, trainable_parameters
+from .comm import Comm
+
+
+class AllReduce(Strategy):
+    name = "allreduce"
+    exact = True
+
+    def __init__(self, cfg, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.bucket_mb = cfg.bucket_mb
+        self.comm = Comm(group)
+        self.mean: Optional[BucketedMean] = None
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        self.mean = BucketedMean(trainable_parameters(model), self.bucket_mb, prefix=self.name)
+        return model
+
+    def synchronize(self) -> CommStats:
+        if self.mean is None:
+            raise RuntimeError("allreduce: synchronize() before attach()")
+        self.mean(self.comm)
+        return self.comm.reset()
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"strategy": self.name}
+        if self.mean is not None:
+            info.update(bytes_per_step=self.mean.nbytes, buckets=self.mean.layout())
+        return info

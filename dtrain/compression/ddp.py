@@ -1,0 +1,177 @@
+"""`ddp` and `ddp-powersgd`: torch's DistributedDataParallel with a comm hook that counts what it sends.
+
+DDP reduces gradient buckets during backward (overlapping communication with the rest of backward), so these
+strategies synchronise inside `loss.backward()`; `synchronize()` only collects what the hooks counted.
+
+- `ddp`: torch's default hook (`allreduce_hook`: divide by world size, all-reduce the bucket).
+- `ddp-powersgd`: torch's `powerSGD_hook` with `PowerSGDState` built from `CommConfig`.
+
+Counting: a hook knows its bucket's tensors, so bytes are charged per parameter name. Time is each bucket's
+hook call to the completion of its future; buckets in flight together each count their own interval.
+"""
+# No `from __future__ import annotations`: DDP checks a hook's annotations against the real classes
+# (dist.GradBucket, Future[Tensor]) and rejects them as strings.
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import CommStats, Strategy
+from .comm import Comm
+from .powersgd import matrix_plan
+
+
+@dataclass
+class _BucketReduction:
+    """One hook call: its payload per parameter name, and when it started and finished."""
+
+    name: str
+    parts: dict[str, int]
+    start: float
+    end: Optional[float] = None
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+    exact = True
+
+    def __init__(self, cfg, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.cfg = cfg
+        self.comm = Comm(group)
+        self.ddp: Optional[DistributedDataParallel] = None
+        self._param_names: dict[int, str] = {}
+        self._reductions: list[_BucketReduction] = []
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        # names of the bare model (not DDP's "module." prefix), so per_layer keys match the other strategies
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        # forward_sync_buffers=False: buffers are not gradients and no other strategy syncs them per step, so the
+        # bytes counted here stay comparable and complete (DDP still makes them equal once, at construction)
+        self.ddp = DistributedDataParallel(model, process_group=self.comm.group, bucket_cap_mb=self.cfg.bucket_mb,
+                                           forward_sync_buffers=False)
+        self.ddp.register_comm_hook(self, type(self)._hook)
+        return self.ddp
+
+    def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        start = time.perf_counter()
+        return self._timed(bucket, self._dense_parts(bucket), start, allreduce_hook(self.comm.group, bucket))
+
+    def _dense_parts(self, bucket: dist.GradBucket) -> dict[str, int]:
+        return {self._param_names[id(p)]: g.numel() * g.element_size()
+                for p, g in zip(bucket.parameters(), bucket.gradients())}
+
+    def _timed(self, bucket: dist.GradBucket, parts: dict[str, int], start: float,
+               fut: torch.futures.Future[torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
+        record = _BucketReduction(f"{self.name}/bucket{bucket.index()}", parts, start)
+        self._reductions.append(record)
+
+        def finished(done: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            record.end = time.perf_counter()
+            return done.value()
+
+        return fut.then(finished)
+
+    def synchronize(self) -> CommStats:
+        """DDP has already reduced every bucket by the time backward() returns: account for them."""
+        S = self.comm.world_size
+        for r in self._reductions:
+            if r.end is None:
+                raise RuntimeError(f"{self.name}: {r.name} has not finished; call synchronize() after backward()")
+            sent = sum(r.parts.values())
+            self.comm.account(r.name, sent, sent, 2.0 * (S - 1) / S * sent, r.end - r.start, r.parts)
+        self._reductions = []
+        return self.comm.reset()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        if self.ddp is None:
+            raise RuntimeError(f"{self.name}: no_sync() before attach()")
+        with self.ddp.no_sync():
+            yield
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "bucket_mb": self.cfg.bucket_mb}
+
+
+class DDPPowerSGDStrategy(DDPStrategy):
+    """torch's PowerSGD hook. Per bucket, before `start_step`: the whole bucket is all-reduced. After: the
+    uncompressed tensors, then all P, then all Q (three all-reduces), in fp32."""
+
+    name = "ddp-powersgd"
+    exact = False
+
+    def __init__(self, cfg, group: Optional[dist.ProcessGroup] = None) -> None:
+        if cfg.factor_dtype != "fp32":
+            raise ValueError(f"comm.factor_dtype={cfg.factor_dtype!r}: ddp-powersgd sends fp32 factors (torch's "
+                             "hook); use comm.strategy=powersgd for bf16/fp16 factors")
+        super().__init__(cfg, group)
+        self.state = PowerSGDState(process_group=group, matrix_approximation_rank=cfg.rank,
+                                   start_powerSGD_iter=cfg.start_step, min_compression_rate=cfg.min_compression_rate,
+                                   use_error_feedback=cfg.error_feedback, warm_start=cfg.warm_start, random_seed=0)
+        # After a restore, the first step must not compress: the hook keys its residuals and P/Q by bucket index,
+        # and a new DDP's first-step buckets differ from the rebuilt ones they were saved under.
+        self._dense_until_rebuild = False
+
+    def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        start = time.perf_counter()
+        if self._dense_until_rebuild:
+            fut = allreduce_hook(self.comm.group, bucket)
+            if bucket.is_last():
+                self.state.iter += 1
+                self._dense_until_rebuild = False
+            return self._timed(bucket, self._dense_parts(bucket), start, fut)
+        compressing = self.state.iter >= self.state.start_powerSGD_iter
+        parts = self._compressed_parts(bucket) if compressing else self._dense_parts(bucket)
+        return self._timed(bucket, parts, start, powerSGD_hook(self.state, bucket))
+
+    def _compressed_parts(self, bucket: dist.GradBucket) -> dict[str, int]:
+        """Elements the hook all-reduces per tensor once compressing: (n + m) r for a compressed matrix (its
+        share of the P and Q buffers), numel for the rest; `matrix_plan` is the hook's own rule."""
+        parts = {}
+        for p, g in zip(bucket.parameters(), bucket.gradients()):
+            name = self._param_names[id(p)]
+            plan = matrix_plan(name, g.shape, self.state.matrix_approximation_rank, self.state.min_compression_rate)
+            parts[name] = (plan.factor_numel if plan else g.numel()) * g.element_size()
+        return parts
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "bucket_mb": self.cfg.bucket_mb, "rank": self.cfg.rank,
+                "start_step": self.cfg.start_step, "min_compression_rate": self.cfg.min_compression_rate}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hook's memory (keyed by DDP bucket index; residuals are this rank's own) and its numpy RNG, as
+        tensors and plain numbers so any checkpoint format can hold it."""
+        s = self.state
+        _, keys, pos, has_gauss, cached_gaussian = s.rng.get_state()
+        return {"iter": s.iter,
+                "error": {str(k): v.clone() for k, v in s.error_dict.items()},
+                "p": {str(k): v.clone() for k, v in s.p_memory_dict.items()},
+                "q": {str(k): v.clone() for k, v in s.q_memory_dict.items()},
+                "numel_before_compression": s.total_numel_before_compression,
+                "numel_after_compression": s.total_numel_after_compression,
+                "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = {"iter", "error", "p", "q", "numel_before_compression", "numel_after_compression", "rng"}
+        if set(state) != expected:
+            raise ValueError(f"ddp-powersgd: strategy state has keys {sorted(state)}, expected {sorted(expected)}")
+        s = self.state
+        s.iter = int(state["iter"])
+        s.error_dict = {int(k): v.clone() for k, v in state["error"].items()}
+        s.p_memory_dict = {int(k): v.clone() for k, v in state["p"].items()}
+        s.q_memory_dict = {int(k): v.clone() for k, v in state["q"].items()}
+        s.total_numel_before_compression = int(state["numel_before_compression"])
+        s.total_numel_after_compression = int(state["numel_after_compression"])
+        rng = state["rng"]
+        s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
+                         rng["cached_gaussian"]))
+        self._dense_until_rebuild = s.iter >= s.start_powerSGD_iter

@@ -1,0 +1,110 @@
+"""The run directory: a public interface (docs/outputs.md). Only rank 0 writes here.
+
+    config.yaml     the resolved config
+    metrics.jsonl   one JSON object per line (training rows and eval rows)
+    summary.json    final figures
+    model.pt        the final model state_dict (torch.save)
+    checkpoints/    DCP checkpoints (checkpoint.py)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError, dump_config
+
+
+def default_run_dir(cfg: Config, config_path: str | None, world_size: int) -> Path:
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    name = cfg.run.name or (Path(config_path).stem if config_path else "run")
+    return Path("runs") / f"{name}-{cfg.comm.strategy}-w{world_size}"
+
+
+def check_writable(path: Path) -> None:
+    """Fail early with one line, instead of after minutes of training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run directory {path} is not writable: {err.strerror or err}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep the information readable
+    return value
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path, active: bool) -> None:
+        self.path = path
+        self.active = active  # rank 0 writes; other ranks hold a no-op RunDir
+        self._metrics = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def open(self, cfg: Config, resume: bool) -> None:
+        if not self.active:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(dump_config(cfg))
+        if not resume:
+            for stale in ("metrics.jsonl", "summary.json", "model.pt"):
+                (self.path / stale).unlink(missing_ok=True)
+        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint, so each step appears once."""
+        if not self.active:
+            return
+        path = self.path / "metrics.jsonl"
+        if self._metrics:
+            self._metrics.close()
+        rows = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if row.get("step", 0) <= step:
+                    rows.append(line)
+        path.write_text("".join(r + "\n" for r in rows))
+        self._metrics = open(path, "a", buffering=1)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self._metrics is not None:
+            self._metrics.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.active:
+            write_json_atomic(self.path / "summary.json", summary)
+
+    def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.active:
+            tmp = self.path / "model.pt.tmp"
+            torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+            os.replace(tmp, self.path / "model.pt")
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None

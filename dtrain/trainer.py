@@ -1,0 +1,329 @@
+"""The training loop: build, shard, forward, backward, strategy sync, step, evaluate, log, checkpoint.
+
+It knows nothing about how gradients are communicated (`Strategy`) or who runs the step (`Engine`).
+
+World-size invariance: at step t the global batch is examples [t*B, (t+1)*B) of the training stream whatever
+the world size, rank r takes the contiguous slice r*B/S ... (r+1)*B/S, and each rank's loss is its summed loss
+divided by (B/S x targets per example). The strategies average over ranks, so every rank ends up with the
+gradient of the global-batch mean loss, exactly as a single process would.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import faults
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .compression import build_strategy, fp32_allreduce_bytes
+from .config import Config, ConfigError
+from .data import build_task
+from .distributed import DistEnv, all_ranks_agree
+from .engine import build_engine
+from .model import build_model
+from .optim import build_optimizer, build_scheduler
+from .replicas import ReplicaMismatch, check_replicas
+from .rundir import RunDir, check_writable, default_run_dir
+from .tracking import Tracker
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, targets_per_example: int) -> torch.Tensor:
+    """Summed cross-entropy over target positions / (examples x targets per example): the per-rank share of
+    the global mean, independent of how the batch is split."""
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    return total / (targets.shape[0] * targets_per_example)
+
+
+def _split(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, end) of part `index` when n items are split as evenly as possible into `parts`."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    iters_by_difficulty: dict[int, float] = field(default_factory=dict)
+    acc_by_difficulty: dict[int, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    start, end = _split(cfg.data.n_val, env.world_size, env.rank)
+    # sums: loss, correct, targets counted; per difficulty: (difficulty, iterations, correct, targets)
+    loss_sum = correct = counted = 0.0
+    per_example: list[torch.Tensor] = []
+    for lo in range(start, end, cfg.eval.batch_size):
+        b = task.batch("val", lo, min(cfg.eval.batch_size, end - lo))
+        tokens, mask, targets = b.tokens.to(env.device), b.mask.to(env.device), b.targets.to(env.device)
+        logits = model(tokens, mask)
+        flat_logits, flat_t = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
+        loss_sum += F.cross_entropy(flat_logits, flat_t, ignore_index=-100, reduction="sum").item()
+        valid = targets != -100
+        hits = (logits.argmax(-1) == targets) & valid
+        correct += hits.sum().item()
+        counted += valid.sum().item()
+        dims = tuple(range(1, targets.dim()))
+        ex_hits = hits.sum(dims) if dims else hits
+        ex_valid = valid.sum(dims) if dims else valid
+        iters = model.fpsa_example_iters() if hasattr(model, "fpsa_example_iters") else None
+        iters = iters.float().cpu() if iters is not None else torch.zeros(len(tokens))
+        per_example.append(torch.stack([b.difficulty.float(), iters, ex_hits.float().cpu(),
+                                        ex_valid.float().cpu()], dim=1))
+    totals = torch.tensor([loss_sum, correct, counted], dtype=torch.float64)
+    rows = torch.cat(per_example) if per_example else torch.zeros(0, 4)
+    if env.world_size > 1:
+        dist.all_reduce(totals)
+        gathered: list[Any] = [None] * env.world_size
+        dist.all_gather_object(gathered, rows)
+        rows = torch.cat(gathered)
+    model.train(was_training)
+    by_iters: dict[int, float] = {}
+    by_acc: dict[int, float] = {}
+    for d in sorted({int(x) for x in rows[:, 0].tolist()}):
+        sel = rows[rows[:, 0] == d]
+        by_iters[d] = float(sel[:, 1].mean())
+        by_acc[d] = float(sel[:, 2].sum() / sel[:, 3].sum().clamp(min=1))
+    has_fpsa = cfg.model.attention == "fpsa"
+    return EvalResult(loss=float(totals[0] / max(totals[2], 1)), acc=float(totals[1] / max(totals[2], 1)),
+                      iters_by_difficulty=by_iters if has_fpsa else {}, acc_by_difficulty=by_acc)
+
+
+def _grads_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, config_path: Optional[str] = None, resume: bool = False) -> None:
+        self.cfg, self.env = cfg, env
+        B, S = cfg.train.batch_size, env.world_size
+        if B % S:
+            raise ConfigError(f"train.batch_size={B} is not divisible by the world size {S}")
+        self.local_batch = B // S
+        self.path = default_run_dir(cfg, config_path, S)
+        ok = True
+        if env.is_main:
+            try:
+                check_writable(self.path)
+            except ConfigError as err:
+                ok, reason = False, str(err)
+        if not all_ranks_agree(ok):
+            raise ConfigError(reason if not ok else f"run directory {self.path} is not writable on rank 0")
+        # An elastic restart (torchrun --max-restarts) resumes by itself from the last good checkpoint.
+        self.resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+        self.task = build_task(cfg.data)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and world size
+        self.model = build_model(cfg, self.task.spec).to(env.device)
+        self.strategy = build_strategy(cfg.comm)
+        fwd = self.strategy.attach(self.model)
+        self.optimizer = build_optimizer(cfg.train, self.model)
+        self.scheduler = build_scheduler(cfg.train, self.optimizer)
+        self.engine = build_engine(cfg, self.model, fwd, self.optimizer, self.scheduler, S)
+        self.rundir = RunDir(self.path, env.is_main)
+        self.ckpt = Checkpointer(self.rundir.checkpoints, env.rank, S, keep=cfg.checkpoint.keep, warn=self.say)
+        # dropout masks differ by rank (as in any data-parallel job); weights were drawn above
+        torch.manual_seed(cfg.train.seed * 1_000_003 + env.rank + 1)
+        self.allreduce_bytes = fp32_allreduce_bytes(self.model)
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def say(self, msg: str) -> None:
+        if self.env.is_main:
+            tqdm.write(f"dtrain: {msg}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------------
+    def _restore(self) -> tuple[int, dict[str, float]]:
+        path = self.ckpt.latest_valid()
+        if path is None:
+            self.say("no checkpoint to resume from; starting at step 0")
+            return 0, {}
+        meta, local = self.ckpt.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if local:
+            self.strategy.load_state_dict(local.get("strategy", {}))
+            set_rng_state(local["rng"])
+        self.say(f"resumed from {path} (step {meta['step']})")
+        return int(meta["step"]), meta.get("totals", {})
+
+    def _save(self, step: int, totals: dict[str, float]) -> None:
+        local = {"strategy": self.strategy.state_dict(), "rng": rng_state()}
+        meta = {"data_position": step * self.cfg.train.batch_size, "scheduler": self.scheduler.state_dict(),
+                "totals": totals}
+        self.ckpt.save(step, self.model, self.optimizer, local, meta)
+
+    def _due(self, every: int, step: int) -> bool:
+        return every > 0 and step % every == 0 and step < self.cfg.train.steps
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        start, totals = self._restore() if self.resume else (0, {})
+        self.rundir.open(cfg, resume=start > 0)
+        if start > 0:
+            self.rundir.truncate_metrics_after(start)
+        totals = {"bytes": 0.0, "wire": 0.0, "comm_s": 0.0, "step_s": 0.0, "steps_timed": 0.0,
+                  "skipped": 0.0, **totals}
+        tracker = Tracker(cfg.log.wandb, self.path, cfg.log.project, self.path.name, cfg.to_dict(), env.is_main)
+        if start == 0:
+            self.say(f"{self.params:,} parameters | strategy {cfg.comm.strategy} | world size {env.world_size} | "
+                     f"run dir {self.path}")
+        wall0 = time.perf_counter()
+        bar = tqdm(total=cfg.train.steps, initial=start, disable=not (env.is_main and cfg.log.progress),
+                   unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        plan_logged = False
+        last_eval: Optional[EvalResult] = None
+        try:
+            for step in range(start, cfg.train.steps):
+                row = self._train_step(step, totals)
+                if not plan_logged:
+                    self.say(f"communication plan: {self.strategy.describe()}")
+                    plan_logged = True
+                done = step + 1
+                faults.fire("train", done, env.rank, self.model)
+                if done % cfg.log.every == 0 or done == cfg.train.steps:
+                    self.rundir.log(row)
+                    tracker.log(row)
+                if self._due(cfg.eval.every, done):
+                    last_eval = self._eval_row(done, totals, tracker)
+                if self._due(cfg.checkpoint.every, done):
+                    self._save(done, totals)
+                if self._due(cfg.train.consistency_every, done):
+                    check_replicas(self.model)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train/loss']:.4f}", sent=human_bytes(row["comm/bytes_sent"]) + "/step",
+                                refresh=False)
+            last_eval = self._eval_row(cfg.train.steps, totals, tracker)
+            self._save(cfg.train.steps, totals)
+        except BaseException:
+            bar.close()
+            tracker.finish()
+            self.rundir.close()
+            raise
+        bar.close()
+        summary = self._summary(totals, last_eval, time.perf_counter() - wall0)
+        self.rundir.save_model(self.model.state_dict())
+        self.rundir.write_summary(summary)
+        tracker.finish(summary)
+        self.rundir.close()
+        self.say(f"done: {cfg.train.steps} steps | val acc {summary['final/val_acc']:.4f} | "
+                 f"{human_bytes(summary['comm/bytes_per_step'])}/step sent "
+                 f"({summary['compression_ratio']:.1f}x less than fp32 all-reduce) | {summary['wall_s']:.1f} s | "
+                 f"{self.path}")
+        self.strategy.close()
+        self.engine.close()
+        return summary
+
+    def _train_step(self, step: int, totals: dict[str, float]) -> dict[str, Any]:
+        cfg, env, task = self.cfg, self.env, self.task
+        B, n = cfg.train.batch_size, self.local_batch
+        b = task.batch("train", step * B + env.rank * n, n)
+        t0 = time.perf_counter()
+        logits = self.engine.forward(b.tokens.to(env.device), b.mask.to(env.device))
+        loss = loss_fn(logits, b.targets.to(env.device), task.spec.targets_per_example)
+        loss = faults.corrupt_loss(loss, step + 1, env.rank)
+        self.engine.backward(loss)
+        stats = self.strategy.synchronize()
+        # One small all-reduce: the global mean loss for the log, and whether any rank saw NaN/Inf, so all
+        # ranks take the same decision and no rank ever applies a partial update.
+        flags = torch.tensor([loss.item(), 0.0 if math.isfinite(loss.item()) and _grads_finite(self.model) else 1.0],
+                             dtype=torch.float64)
+        if env.world_size > 1:
+            dist.all_reduce(flags)
+        global_loss, bad = flags[0].item() / env.world_size, flags[1].item() > 0
+        grad_norm = float("nan")
+        if bad:
+            totals["skipped"] += 1
+            if cfg.train.nan_policy == "stop":
+                raise NonFiniteLoss(f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} "
+                                    "rank(s); stopping (train.nan_policy=stop)")
+            self.say(f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} rank(s); "
+                     "all ranks skip this update (train.nan_policy=skip)")
+            self.engine.zero_grad()
+            self.scheduler.step()
+        else:
+            if cfg.train.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
+            self.engine.step()
+        step_s = time.perf_counter() - t0
+        totals["bytes"] += stats.bytes_sent
+        totals["wire"] += stats.wire_bytes
+        totals["comm_s"] += stats.time_s
+        totals["step_s"] += step_s
+        totals["steps_timed"] += 1
+        row: dict[str, Any] = {
+            "step": step + 1, "train/loss": global_loss, "comm/bytes_sent": stats.bytes_sent,
+            "comm/bytes_cum": int(totals["bytes"]), "comm/bytes_recv": stats.bytes_recv,
+            "comm/wire_bytes": stats.wire_bytes, "comm/time_s": stats.time_s, "time/step_s": step_s,
+            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "skipped": bad,
+        }
+        if hasattr(self.model, "fpsa_stats"):
+            row.update(self.model.fpsa_stats())
+        row.update(stats.extra)
+        return row
+
+    def _eval_row(self, step: int, totals: dict[str, float], tracker: Tracker) -> EvalResult:
+        res = evaluate(self.model, self.task, self.cfg, self.env)
+        row: dict[str, Any] = {"step": step, "val/loss": res.loss, "val/acc": res.acc,
+                               "comm/bytes_cum": int(totals["bytes"])}
+        if res.iters_by_difficulty:
+            row["val/fpsa_iters_mean"] = sum(res.iters_by_difficulty.values()) / len(res.iters_by_difficulty)
+        self.rundir.log(row)
+        tracker.log(row)
+        return res
+
+    def _summary(self, totals: dict[str, float], ev: Optional[EvalResult], wall_s: float) -> dict[str, Any]:
+        cfg = self.cfg
+        steps = cfg.train.steps
+        timed = max(totals["steps_timed"], 1)
+        per_step = totals["bytes"] / steps
+        summary: dict[str, Any] = {
+            "params": self.params, "world_size": self.env.world_size, "strategy": cfg.comm.strategy,
+            "steps": steps, "task": cfg.data.task, "attention": cfg.model.attention, "comm_rank": cfg.comm.rank,
+            "seed": cfg.train.seed, "engine": cfg.train.engine,
+            "final/val_acc": ev.acc if ev else float("nan"), "final/val_loss": ev.loss if ev else float("nan"),
+            "comm/bytes_total": int(totals["bytes"]), "comm/bytes_per_step": per_step,
+            "comm/wire_bytes_per_step": totals["wire"] / steps,
+            "comm/allreduce_bytes_per_step": self.allreduce_bytes,
+            "compression_ratio": self.allreduce_bytes / per_step if per_step else float("inf"),
+            "comm/time_per_step_s": totals["comm_s"] / timed, "time/step_s_mean": totals["step_s"] / timed,
+            "time/compute_s_per_step": (totals["step_s"] - totals["comm_s"]) / timed,
+            "skipped_steps": int(totals["skipped"]), "wall_s": wall_s,
+        }
+        if ev and ev.iters_by_difficulty:
+            summary["fpsa/iters_by_difficulty"] = {str(k): v for k, v in ev.iters_by_difficulty.items()}
+        if ev and ev.acc_by_difficulty:
+            summary["val/acc_by_difficulty"] = {str(k): v for k, v in ev.acc_by_difficulty.items()}
+        return summary
+
+
+def train(cfg: Config, env: DistEnv, config_path: Optional[str] = None, resume: bool = False) -> dict[str, Any]:
+    return Trainer(cfg, env, config_path, resume).run()
+
+
+__all__ = ["Trainer", "train", "evaluate", "loss_fn", "NonFiniteLoss", "ReplicaMismatch"]
