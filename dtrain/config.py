@@ -139,6 +139,13 @@ class Config(_Section):
                 "gradients inside DeepSpeed, so a custom strategy cannot see whole gradients; use zero_stage 0 or 1, "
                 "or comm.strategy=allreduce (DeepSpeed's own reduction)"
             )
+        c = self.comm
+        if c.strategy == "ddp-powersgd" and c.factor_dtype != "fp32":
+            raise ValueError(f"comm.factor_dtype={c.factor_dtype!r} with comm.strategy='ddp-powersgd': torch's "
+                             "powerSGD_hook sends fp32 factors only; use comm.strategy=powersgd for low-precision factors")
+        if c.strategy == "ddp-powersgd" and c.start_step < 2 and (c.error_feedback or c.warm_start):
+            raise ValueError(f"comm.start_step={c.start_step} with comm.strategy='ddp-powersgd': torch's PowerSGD "
+                             "needs start_step >= 2 when error feedback or warm start is on")
         if t.engine == "torch" and t.zero_stage:
             raise ValueError(f"train.zero_stage={t.zero_stage} needs train.engine=deepspeed")
         return self

@@ -24,6 +24,9 @@ class Comm:
         self.group = group
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        # NCCL moves only CUDA tensors: small host-side values (row counts) must live there too
+        nccl = dist.is_initialized() and dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.stats = CommStats()
 
     # ------------------------------------------------------------------ accounting
@@ -84,5 +87,5 @@ class Comm:
 
     def exchange_counts(self, counts: list[int], name: str = "meta/counts") -> list[list[int]]:
         """All-gather a short list of ints (e.g. rows per layer): result[r] is rank r's list."""
-        t = torch.tensor(counts, dtype=torch.int64)
+        t = torch.tensor(counts, dtype=torch.int64, device=self.device)
         return [p.tolist() for p in self.all_gather(t, name)]

@@ -1,0 +1,154 @@
+"""Capture of (A, Δ) pairs for dAD-managed `nn.Linear` layers.
+
+For y = x Wᵀ + b the weight gradient is Δᵀ A, with A the input and Δ = ∂L/∂y, both flattened over all
+leading dimensions (batch, sequence, ...) to rows. dAD strategies communicate (A, Δ), or low-rank factors
+of Δᵀ A, instead of the gradient, so the local out×in weight gradient is never needed. `attach_linears`
+swaps each managed module's forward for `CapturedLinearFn`, whose backward
+
+- returns the input gradient and the bias gradient (the bias stays an ordinary parameter, all-reduced by
+  the strategy: that is exactly Σ Δᵀ1),
+- returns None for the weight, so autograd never forms the local weight gradient,
+- records this call's (A, Δ) pair. A module called several times in one forward (an unrolled fixed-point
+  iteration, BPTT) records one pair per call; each Δ is paired with its own call's A, so the rows of all
+  calls concatenated give Σ_calls Δᵀ A exactly, whatever order backward visits them in.
+
+A pair is recorded only when the running backward accumulates into the weight (loss.backward(), or
+autograd.grad with the weight among its inputs). A nested autograd.grad(f, z) that only asks for a
+vector-Jacobian product w.r.t. activations (the implicit adjoint solve of a fixed-point layer) runs
+through the same backward but must not contribute to the weight gradient, and so records nothing.
+
+If the weight also receives an ordinary gradient through another path (F.linear(x, layer.weight)
+elsewhere, weight tying), autograd accumulates that part into weight.grad as usual and
+`LinearCapture.dense_grad_arrived` says so, so the strategy can add it (all-reduced) to stay exact.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils import parametrize
+
+
+class LinearCapture:
+    """The (A, Δ) pairs recorded for one managed weight since the last `take()`.
+
+    Several modules sharing one weight Parameter share one capture: their rows add up like calls.
+    """
+
+    def __init__(self, name: str, weight: nn.Parameter) -> None:
+        self.name = name
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.modules: list[nn.Linear] = []
+        self._inputs: list[torch.Tensor] = []
+        self._deltas: list[torch.Tensor] = []
+        #: grad-enabled calls whose Δ has not arrived yet; 0 after the last one arrives (if it does)
+        self.pending = 0
+        #: True once an ordinary (non-captured) gradient was accumulated into weight.grad this step
+        self.dense_grad_arrived = False
+        #: optional callback fired in backward right after each recorded Δ (issue 9: start collectives
+        #: during the rest of backward); `pending == 0` tells that every recorded call has delivered
+        self.on_delta: Optional[Callable[["LinearCapture"], None]] = None
+        self._hook = weight.register_hook(self._note_dense_grad)
+
+    def _note_dense_grad(self, grad: Optional[torch.Tensor]) -> None:
+        # called with None when the captured path is the only one (it returns no weight gradient)
+        if grad is not None:
+            self.dense_grad_arrived = True
+
+    def record(self, a: torch.Tensor, delta: torch.Tensor) -> None:
+        # saved inputs keep requires_grad; detached, later products build no graph
+        self._inputs.append(a.detach())
+        self._deltas.append(delta.detach())
+        self.pending -= 1
+        if self.on_delta is not None:
+            self.on_delta(self)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, Δ) of every recorded call stacked along rows ((rows, in), (rows, out)); starts a new step."""
+        w = self.weight
+        if self._inputs:
+            a = torch.cat(self._inputs).to(w.dtype)
+            delta = torch.cat(self._deltas).to(w.dtype)
+        else:
+            a = w.new_zeros((0, self.in_features))
+            delta = w.new_zeros((0, self.out_features))
+        self._inputs, self._deltas = [], []
+        self.pending = 0
+        self.dense_grad_arrived = False
+        return a, delta
+
+    def remove(self) -> None:
+        """Restore the modules' own forward and drop the gradient hook."""
+        for module in self.modules:
+            if "forward" in module.__dict__:
+                del module.forward
+        self.modules = []
+        self._hook.remove()
+        self._inputs, self._deltas = [], []
+
+
+class CapturedLinearFn(torch.autograd.Function):
+    """F.linear whose backward records (A, Δ) and returns no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                capture: LinearCapture) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.capture = capture
+        # the weight's gradient accumulator: backward asks the engine whether it will run in this pass
+        ctx.weight_node = get_gradient_edge(weight).node
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        capture: LinearCapture = ctx.capture
+        grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        if torch._C._will_engine_execute_node(ctx.weight_node):
+            capture.record(x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1]))
+        return grad_x, None, grad_b, None
+
+
+def _captured_forward(module: nn.Linear, capture: LinearCapture) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and module.weight.requires_grad:
+            capture.pending += 1
+            return CapturedLinearFn.apply(x, module.weight, module.bias, capture)
+        return F.linear(x, module.weight, module.bias)
+
+    return forward
+
+
+def _plain_trainable_weight(module: nn.Linear) -> bool:
+    # a parametrized weight (spectral norm) is computed from other parameters: returning no gradient
+    # for it would starve those, so such layers stay with ordinary autograd
+    weight = module.weight
+    return isinstance(weight, nn.Parameter) and weight.requires_grad and not parametrize.is_parametrized(module)
+
+
+def attach_linears(model: nn.Module, skip: frozenset[str] = frozenset()) -> list[LinearCapture]:
+    """Capture every `nn.Linear` of `model` whose weight is trainable, except modules named in `skip`.
+
+    One capture per distinct weight Parameter, named after the first module that uses it, in
+    `named_modules()` order (identical on every rank). Parameter names do not change: only the module
+    instance's `forward` attribute is set, and `LinearCapture.remove()` deletes it again.
+    """
+    by_weight: dict[int, LinearCapture] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name in skip or not _plain_trainable_weight(module):
+            continue
+        capture = by_weight.get(id(module.weight))
+        if capture is None:
+            capture = by_weight[id(module.weight)] = LinearCapture(name, module.weight)
+        module.forward = _captured_forward(module, capture)
+        capture.modules.append(module)
+    return list(by_weight.values())

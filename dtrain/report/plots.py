@@ -1,0 +1,141 @@
+"""PNG plots for a task's table, drawn with matplotlib's Agg canvas (no display, no pyplot global state).
+
+Every configuration (table row) has one colour; its seeds are drawn as separate lines in that colour.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .table import TaskTable, mean_time_to_target
+from .timemodel import LinkRate, parse_link_rate
+
+_COLORS = [f"C{i}" for i in range(10)]
+_LINESTYLES = ["-", "--", ":", "-."]  # after ten configurations the colours repeat with another line style
+# The time-to-target curve spans this factor below the slowest and above the fastest requested rate.
+_RATE_MARGIN = 10.0
+
+
+@dataclass(frozen=True)
+class Plot:
+    title: str
+    path: Path
+
+
+def make_plots(table: TaskTable, rates: list[LinkRate], out: Path) -> list[Plot]:
+    """All plots the task has data for, written to `out`."""
+    plots = [_accuracy_vs_bytes(table, out), _loss_vs_step(table, out), _time_to_target(table, rates, out),
+             _fpsa_iterations(table, out)]
+    return [plot for plot in plots if plot is not None]
+
+
+def _figure() -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(9.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path: Path, title: str) -> Plot:
+    fig.savefig(path, dpi=110)
+    return Plot(title, path)
+
+
+def _style(i: int) -> dict[str, str]:
+    return {"color": _COLORS[i % len(_COLORS)], "linestyle": _LINESTYLES[i // len(_COLORS) % len(_LINESTYLES)]}
+
+
+def _legend(ax: Axes) -> None:
+    """Beside the axes, so that many configurations do not cover the lines."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def _accuracy_vs_bytes(table: TaskTable, out: Path) -> Plot:
+    fig, ax = _figure()
+    for i, row in enumerate(table.rows):
+        for j, run in enumerate(row.runs):
+            # the log axis cannot show the evaluation before the first exchange (0 bytes)
+            points = [(r["comm/bytes_cum"], r["val/acc"]) for r in run.eval_rows if r["comm/bytes_cum"] > 0]
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, marker="o", markersize=3, **_style(i), label=row.label if j == 0 else None)
+    ax.axhline(table.target_acc, color="grey", linestyle=":", label=f"target {table.target_acc:.3f}")
+    ax.set_xscale("log")
+    ax.set(xlabel="cumulative payload bytes sent per rank", ylabel="validation accuracy",
+           title=f"{table.task}: accuracy vs bytes communicated")
+    _legend(ax)
+    return _save(fig, out / f"{table.task}_accuracy_vs_bytes.png", "Accuracy vs cumulative bytes")
+
+
+def _loss_vs_step(table: TaskTable, out: Path) -> Plot:
+    fig, ax = _figure()
+    for i, row in enumerate(table.rows):
+        for j, run in enumerate(row.runs):
+            steps = [r["step"] for r in run.train_rows]
+            losses = [r["train/loss"] for r in run.train_rows]
+            ax.plot(steps, losses, linewidth=1, **_style(i), label=row.label if j == 0 else None)
+    ax.set(xlabel="step", ylabel="training loss", title=f"{table.task}: training loss")
+    _legend(ax)
+    return _save(fig, out / f"{table.task}_loss_vs_step.png", "Training loss vs step")
+
+
+def _time_to_target(table: TaskTable, rates: list[LinkRate], out: Path) -> Optional[Plot]:
+    reached = [(i, row) for i, row in enumerate(table.rows) if row.steps_to_target is not None]
+    if not reached:
+        return None
+    lowest = min(rate.bits_per_s for rate in rates) / _RATE_MARGIN
+    highest = max(rate.bits_per_s for rate in rates) * _RATE_MARGIN
+    curve = [LinkRate("", bits) for bits in np.geomspace(lowest, highest, 60)]
+    fig, ax = _figure()
+    for i, row in reached:
+        if row.link_rate is None:
+            ax.plot([r.bits_per_s for r in curve], [mean_time_to_target(row.runs, table.target_acc, r) for r in curve],
+                    **_style(i), label=row.label)
+        else:  # measured on a shaped link: its own time, to hold against the curves at that rate
+            ax.plot([parse_link_rate(row.link_rate).bits_per_s], [row.measured_time_to_target_s], marker="*",
+                    markersize=12, linestyle="none", color=_style(i)["color"], label=f"{row.label} (measured)")
+    for rate in rates:
+        ax.axvline(rate.bits_per_s, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(rate.label, (rate.bits_per_s, 0.02), xycoords=("data", "axes fraction"), fontsize="small",
+                    ha="right", va="bottom", rotation=90)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="link rate (bit/s)", ylabel=f"seconds to val acc {table.target_acc:.3f}",
+           title=f"{table.task}: time to target vs link rate (lines: time model, stars: measured)")
+    _legend(ax)
+    return _save(fig, out / f"{table.task}_time_to_target.png", "Time to target vs link rate")
+
+
+def _as_number(difficulty: str) -> float | str:
+    """Numeric difficulties (depth, length) become numbers so that they sort and space by value."""
+    try:
+        return float(difficulty)
+    except ValueError:
+        return difficulty
+
+
+def _fpsa_iterations(table: TaskTable, out: Path) -> Optional[Plot]:
+    fig, ax = _figure()
+    drawn = False
+    for i, row in enumerate(table.rows):
+        by_difficulty: dict[float | str, list[float]] = {}
+        for run in row.runs:
+            for difficulty, iters in run.summary.get("fpsa/iters_by_difficulty", {}).items():
+                by_difficulty.setdefault(_as_number(str(difficulty)), []).append(float(iters))
+        if by_difficulty:
+            difficulties = sorted(by_difficulty, key=lambda d: (isinstance(d, str), d))
+            means = [statistics.fmean(by_difficulty[d]) for d in difficulties]
+            ax.plot(difficulties, means, marker="o", **_style(i), label=row.label)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set(xlabel="task difficulty", ylabel="mean FPSA iterations (mean over seeds)",
+           title=f"{table.task}: fixed-point iterations vs difficulty")
+    _legend(ax)
+    return _save(fig, out / f"{table.task}_fpsa_iterations.png", "FPSA iterations vs task difficulty")

@@ -1,0 +1,214 @@
+"""The bandwidth-vs-accuracy table: one row per configuration, aggregated over seeds.
+
+Runs of one task are grouped by (strategy, compression rank, world size, shaped link); seeds are what varies
+inside a group. Byte and time figures are means over the group's seeds; accuracy is mean ± sample standard
+deviation; steps to target and time to target are means over the seeds that reached the target, with the
+count of those seeds shown when it is not all of them.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from ..config import STRATEGIES
+from .rundir import Run
+from .timemodel import LinkRate, steps_to_target, time_to_target
+
+# Without --target-acc, a task's target is this fraction of the best configuration's mean final accuracy.
+DEFAULT_TARGET_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Row:
+    strategy: str
+    rank: Optional[int]  # None for exact strategies
+    world_size: int
+    link_rate: Optional[str]  # the shaped link the runs were measured on; None for the local link
+    runs: tuple[Run, ...]
+    payload_bytes_per_step: float
+    wire_bytes_per_step: float
+    compression_ratio: float  # fp32 all-reduce payload / this strategy's payload
+    acc_mean: float
+    acc_std: Optional[float]  # None with a single seed
+    steps_to_target: Optional[float]
+    reached: int  # seeds that reached the target
+    comm_s_per_step: float
+    step_s: float
+    compute_s_per_step: float
+    measured_time_to_target_s: Optional[float]  # steps to target x measured step time
+    time_to_target_s: dict[str, Optional[float]]  # link-rate label -> modelled seconds
+
+    @property
+    def label(self) -> str:
+        parts = [self.strategy] + ([f"r{self.rank}"] if self.rank is not None else []) + [f"S={self.world_size}"]
+        return " ".join(parts + ([f"@{self.link_rate}"] if self.link_rate else []))
+
+
+@dataclass(frozen=True)
+class TaskTable:
+    task: str
+    target_acc: float
+    target_rule: str  # how the target was chosen, stated in the report
+    rows: list[Row]
+
+
+def build_tables(runs: list[Run], target_acc: Optional[float], rates: list[LinkRate]) -> list[TaskTable]:
+    by_task: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_task[run.task].append(run)
+    return [_task_table(task, by_task[task], target_acc, rates) for task in sorted(by_task)]
+
+
+def _task_table(task: str, runs: list[Run], target_acc: Optional[float], rates: list[LinkRate]) -> TaskTable:
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.strategy, run.rank, run.world_size, run.link_rate)].append(run)
+    if target_acc is None:
+        best = max(statistics.fmean(_final_acc(r) for r in group) for group in groups.values())
+        target_acc = DEFAULT_TARGET_FRACTION * best
+        rule = f"{DEFAULT_TARGET_FRACTION:.0%} of the best mean final accuracy in this task, {best:.4f}"
+    else:
+        rule = "given with --target-acc"
+    rows = [_row(group, target_acc, rates) for _, group in sorted(groups.items(), key=lambda kv: _order(kv[0]))]
+    return TaskTable(task, target_acc, rule, rows)
+
+
+def _order(key: tuple) -> tuple:
+    strategy, rank, world_size, link_rate = key
+    position = STRATEGIES.index(strategy) if strategy in STRATEGIES else len(STRATEGIES)
+    return (position, strategy, rank or 0, world_size, link_rate or "")
+
+
+def _final_acc(run: Run) -> float:
+    return float(run.summary["final/val_acc"])
+
+
+def _mean(runs: list[Run], key: str) -> float:
+    return statistics.fmean(float(run.summary[key]) for run in runs)
+
+
+def _mean_over_reached(runs: Iterable[Run], target_acc: float, seconds: Callable[[Run, int], float]) -> Optional[float]:
+    """Mean of seconds(run, steps to target) over the runs that reach the target; None if none does."""
+    times = []
+    for run in runs:
+        steps = steps_to_target(run.eval_rows, target_acc)
+        if steps is not None:
+            times.append(seconds(run, steps))
+    return statistics.fmean(times) if times else None
+
+
+def mean_time_to_target(runs: Iterable[Run], target_acc: float, rate: LinkRate) -> Optional[float]:
+    """The time model at `rate`, averaged over the runs that reach the target."""
+    return _mean_over_reached(runs, target_acc, lambda run, steps: time_to_target(
+        steps, float(run.summary["time/compute_s_per_step"]), float(run.summary["comm/wire_bytes_per_step"]), rate))
+
+
+def _measured_time_to_target(runs: Iterable[Run], target_acc: float) -> Optional[float]:
+    """Steps to target x measured step time: the time on the link the runs actually had."""
+    return _mean_over_reached(runs, target_acc, lambda run, steps: steps * float(run.summary["time/step_s_mean"]))
+
+
+def _row(runs: list[Run], target_acc: float, rates: list[LinkRate]) -> Row:
+    runs = sorted(runs, key=lambda run: run.seed)
+    first = runs[0]
+    accs = [_final_acc(run) for run in runs]
+    reached = [steps for steps in (steps_to_target(run.eval_rows, target_acc) for run in runs) if steps is not None]
+    payload = _mean(runs, "comm/bytes_per_step")
+    return Row(
+        strategy=first.strategy,
+        rank=first.rank,
+        world_size=first.world_size,
+        link_rate=first.link_rate,
+        runs=tuple(runs),
+        payload_bytes_per_step=payload,
+        wire_bytes_per_step=_mean(runs, "comm/wire_bytes_per_step"),
+        compression_ratio=_mean(runs, "comm/allreduce_bytes_per_step") / payload if payload else float("inf"),
+        acc_mean=statistics.fmean(accs),
+        acc_std=statistics.stdev(accs) if len(accs) > 1 else None,
+        steps_to_target=statistics.fmean(reached) if reached else None,
+        reached=len(reached),
+        comm_s_per_step=_mean(runs, "comm/time_per_step_s"),
+        step_s=_mean(runs, "time/step_s_mean"),
+        compute_s_per_step=_mean(runs, "time/compute_s_per_step"),
+        measured_time_to_target_s=_measured_time_to_target(runs, target_acc),
+        time_to_target_s={rate.label: mean_time_to_target(runs, target_acc, rate) for rate in rates},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, like the link rates they are divided by."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 1.0:
+        return f"{s * 1e3:.3g} ms"
+    if s < 120.0:
+        return f"{s:.3g} s"
+    if s < 7200.0:
+        return f"{s / 60:.3g} min"
+    return f"{s / 3600:.3g} h"
+
+
+def fmt_accuracy(row: Row) -> str:
+    if row.acc_std is None:
+        return f"{row.acc_mean:.4f}"
+    return f"{row.acc_mean:.4f} ± {row.acc_std:.4f}"
+
+
+def _fmt_reached(value: str, row: Row) -> str:
+    """A figure averaged over the seeds that reached the target says so when some did not."""
+    n = len(row.runs)
+    return value if row.reached == n else f"{value} ({row.reached}/{n} seeds)"
+
+
+def to_markdown(table: TaskTable, rates: list[LinkRate]) -> str:
+    measured_links = any(row.link_rate for row in table.rows)
+    header = (["strategy", "rank", "world size"] + (["link"] if measured_links else []) + [
+        "seeds", "payload / step", "wire / step", "compression vs fp32 all-reduce", "final val acc",
+        f"steps to {table.target_acc:.4f}", "comm / step", "step time", "time to target, as run",
+    ] + [f"time to target @ {rate.label}" for rate in rates])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.rows:
+        not_reached = "not reached"
+        cells = [row.strategy, "—" if row.rank is None else str(row.rank), str(row.world_size)]
+        cells += [row.link_rate or "local"] if measured_links else []
+        cells += [
+            str(len(row.runs)),
+            fmt_bytes(row.payload_bytes_per_step),
+            fmt_bytes(row.wire_bytes_per_step),
+            f"{row.compression_ratio:.2f}×",
+            fmt_accuracy(row),
+            not_reached if row.steps_to_target is None else _fmt_reached(f"{row.steps_to_target:.0f}", row),
+            fmt_seconds(row.comm_s_per_step),
+            fmt_seconds(row.step_s),
+        ]
+        times = [row.measured_time_to_target_s] + [row.time_to_target_s[rate.label] for rate in rates]
+        cells += [not_reached if t is None else _fmt_reached(fmt_seconds(t), row) for t in times]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def records(tables: list[TaskTable], rates: list[LinkRate]) -> tuple[list[str], list[list[Any]]]:
+    """The tables as plain numbers (one list per row), for wandb.Table; missing figures are None."""
+    columns = ["task", "strategy", "rank", "world_size", "link_rate", "seeds", "payload_bytes_per_step",
+               "wire_bytes_per_step", "compression_ratio", "final_acc_mean", "final_acc_std", "target_acc",
+               "steps_to_target", "seeds_reached", "comm_s_per_step", "step_s", "compute_s_per_step",
+               "time_to_target_s_as_run"]
+    columns += [f"time_to_target_s@{rate.label}" for rate in rates]
+    data = [
+        [table.task, row.strategy, row.rank, row.world_size, row.link_rate or "local", len(row.runs),
+         row.payload_bytes_per_step, row.wire_bytes_per_step, row.compression_ratio, row.acc_mean, row.acc_std,
+         table.target_acc, row.steps_to_target, row.reached, row.comm_s_per_step, row.step_s,
+         row.compute_s_per_step, row.measured_time_to_target_s] + [row.time_to_target_s[rate.label] for rate in rates]
+        for table in tables for row in table.rows
+    ]
+    return columns, data
