@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,16 @@ def init_distributed(timeout_s: float = 300.0, local_rank: int | None = None) ->
     # NCCL refuses two ranks on one GPU; gloo on CUDA tensors still works there (DTRAIN_BACKEND=gloo).
     backend = os.environ.get("DTRAIN_BACKEND") or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent hosts the store and it outlives the workers. torch 2.13 no longer prefixes keys
+            # per restart attempt, so restarted workers would read the dead workers' gloo addresses (connection
+            # refused). Namespace the process group by attempt ourselves.
+            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=timeout, wait_for_workers=False)
+            store = dist.PrefixStore(f"dtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        elif "RANK" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
             store = dist.HashStore()
@@ -64,3 +74,62 @@ def all_ranks_agree(flag: bool) -> bool:
     t = torch.tensor([0 if flag else 1], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item()) == 0
+
+
+class PeerUnresponsive(RuntimeError):
+    """A collective failed or timed out; the message names the ranks that stopped making progress."""
+
+
+class Heartbeat:
+    """Each rank records the step it is working on in the job's c10d store (one small `set` per step).
+
+    When a collective times out, the store is still reachable (it is a separate connection), so the ranks
+    whose heartbeat stopped can be named instead of just reporting "timed out".
+    """
+
+    def __init__(self, env: DistEnv, timeout_s: float = 5.0) -> None:
+        self.rank, self.world_size = env.rank, env.world_size
+        self.store = None
+        if env.world_size > 1 and "MASTER_ADDR" in os.environ:
+            # A client of its own with a short timeout: the process group's store keeps its own settings.
+            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            self.store = dist.PrefixStore(f"dtrain/heartbeat/{attempt}", client)
+
+    def beat(self, step: int) -> None:
+        if self.store is not None:
+            self.store.set(str(self.rank), f"{step} {time.time():.3f}")
+
+    def diagnose(self, step: int) -> str:
+        """One sentence on which ranks never started `step`, the step this rank is stuck in (never raises)."""
+        if self.store is None:
+            return "no peers"
+        lagging, unreachable = [], False
+        now = time.time()
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            try:
+                if not self.store.check([str(r)]):
+                    lagging.append(f"rank {r} (no heartbeat yet)")
+                    continue
+                last_step, stamp = self.store.get(str(r)).decode().split()
+            except Exception:  # noqa: BLE001 - the store itself is unreachable
+                unreachable = True
+                break
+            if int(last_step) < step:
+                lagging.append(f"rank {r} (last started step {last_step}, {now - float(stamp):.0f} s ago)")
+        if unreachable:
+            return "the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to it is down"
+        if lagging:
+            return "unresponsive: " + ", ".join(lagging)
+        return f"every peer started step {step}; the failure happened inside it"
+
+
+def is_comm_failure(err: BaseException) -> bool:
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
+                                   "Gloo", "NCCL", "Broken pipe"))

@@ -27,7 +27,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .compression import build_strategy, fp32_allreduce_bytes
 from .config import Config, ConfigError
 from .data import build_task
-from .distributed import DistEnv, all_ranks_agree
+from .distributed import DistEnv, Heartbeat, PeerUnresponsive, all_ranks_agree, is_comm_failure
 from .engine import build_engine
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
@@ -150,6 +150,7 @@ class Trainer:
         self.ckpt = Checkpointer(self.rundir.checkpoints, env.rank, S, keep=cfg.checkpoint.keep, warn=self.say)
         # dropout masks differ by rank (as in any data-parallel job); weights were drawn above
         torch.manual_seed(cfg.train.seed * 1_000_003 + env.rank + 1)
+        self.heartbeat = Heartbeat(env)
         self.allreduce_bytes = fp32_allreduce_bytes(self.model)
         self.params = sum(p.numel() for p in self.model.parameters())
 
@@ -198,8 +199,10 @@ class Trainer:
                    unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
         plan_logged = False
         last_eval: Optional[EvalResult] = None
+        step = start
         try:
             for step in range(start, cfg.train.steps):
+                self.heartbeat.beat(step + 1)
                 row = self._train_step(step, totals)
                 if not plan_logged:
                     self.say(f"communication plan: {self.strategy.describe()}")
@@ -220,10 +223,14 @@ class Trainer:
                                 refresh=False)
             last_eval = self._eval_row(cfg.train.steps, totals, tracker)
             self._save(cfg.train.steps, totals)
-        except BaseException:
+        except BaseException as err:
             bar.close()
             tracker.finish()
             self.rundir.close()
+            if isinstance(err, Exception) and is_comm_failure(err):
+                raise PeerUnresponsive(f"communication failed at step {step + 1} on rank {env.rank} "
+                                       f"(comm.timeout_s={cfg.comm.timeout_s:g}): {self.heartbeat.diagnose(step + 1)}; "
+                                       f"cause: {str(err).splitlines()[0][:200]}") from err
             raise
         bar.close()
         summary = self._summary(totals, last_eval, time.perf_counter() - wall0)

@@ -59,11 +59,4 @@ def test_resume_equals_uninterrupted(tmp_path: Path):
     assert steps == list(range(1, 7)), "each step logged exactly once after a resume"
 
 
-def test_elastic_restart_after_sigkill_matches_uninterrupted(tmp_path: Path):
-    full = tmp_path / "full"
-    train(full, nproc=2)
-    killed = tmp_path / "killed"
-    proc = train(killed, nproc=2, torchrun_args=("--max-restarts=1",),
-                 extra_env={"DTRAIN_FAULT": "kill@train:step=5,rank=1"})
-    assert "resumed from" in proc.stderr
-    assert max_rel_diff(model_state(full), model_state(killed)) == 0.0
+# The SIGKILL + elastic restart acceptance test lives in tests/faults/test_faults.py.

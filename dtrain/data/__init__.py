@@ -10,3 +10,24 @@
 Example i of a split is a pure function of (data.seed, split, i): any rank builds exactly its own shard, and
 val examples never occur in train.
 """
+from __future__ import annotations
+
+from dtrain.config import DataConfig
+
+from .groups import StateTracking
+from .listops import ListOps
+from .parity import PrefixParity
+from .tasks import IGNORE, Batch, Example, Task, TaskSpec
+
+
+def build_task(cfg: DataConfig) -> Task:
+    if cfg.task == "parity":
+        return PrefixParity(cfg)
+    if cfg.task in ("s5", "a5"):
+        return StateTracking(cfg)
+    if cfg.task == "listops":
+        return ListOps(cfg)
+    raise ValueError(f"data.task: {cfg.task!r} is not one of parity, s5, a5, listops")
+
+
+__all__ = ["Batch", "Example", "IGNORE", "Task", "TaskSpec", "build_task"]

@@ -4,3 +4,8 @@
     logits = model(tokens, mask)                # [B, C] per-sequence, [B, L, C] per-token
     model.fpsa_stats()                          # {'fpsa/iters_mean': .., 'fpsa/iters_l0': .., ...} of the last forward
 """
+from .attention import VanillaAttention
+from .fpsa import FixedPointAttention
+from .transformer import SelfTransformer, build_model
+
+__all__ = ["FixedPointAttention", "SelfTransformer", "VanillaAttention", "build_model"]

@@ -1,0 +1,159 @@
+"""Fixed-point self-attention (FPSA): the attention pattern is iterated to a fixed point inside the layer.
+
+With X the (layer-normed) layer input and V = W_V X computed once,
+
+    F(Z) = X + W_O · concat_h softmax(Q_h K_hᵀ / (√d_h τ_h)) V_h,   Q = W_Q Z, K = W_K Z
+    Z_0 = X,   Z_{k+1} = (1 - α) Z_k + α F(Z_k)                       (α = fpsa.damping)
+
+(fpsa.reinject=False drops the "X +" for the ablation). Tokens stop and freeze one by one (see solver.py). The
+layer returns Z* - X with re-injection, so one undamped iteration is exactly vanilla attention, and Z* without.
+τ_h = exp(log_temperature_h) exists only with model.learned_temperature; otherwise τ_h = 1.
+
+fpsa.backward picks how gradients reach the parameters; the forward VALUE is the solve's Z* in every mode:
+- implicit: a no-grad solve, one differentiable step f(Z*) and the adjoint hook of implicit.py (memory does not
+  grow with fpsa.max_iter);
+- phantom: a no-grad solve, then fpsa.phantom_steps differentiable steps from Z*;
+- bptt: the whole loop is differentiable (the exact reference; memory grows with iterations).
+In implicit and phantom mode the differentiable steps give the gradient, and `Z* + (y - y.detach())` keeps the
+value at Z*, so training and evaluation see the same function.
+
+Rule for gradient-capturing strategies (dAD replaces each nn.Linear's forward with a Function that records the
+input rows A and output-gradient rows Δ of every differentiable call, then rebuilds the weight gradient Δᵀ A):
+- every differentiable use of q, k, v, o goes through the module call (`self.q(z)`), so it is recorded;
+- the no-grad solve and the adjoint's Jᵀλ products use F.linear on DETACHED weights, so the strategy sees no
+  call that is not part of the parameter gradient. In implicit mode each of q, k, v, o is called exactly once
+  with grad per forward.
+With fpsa.spectral_norm, W_Q, W_K, W_O are divided by their largest singular value (spectral.py, once per
+forward) and applied with F.linear on the normalised weight: those three then get plain autograd gradients and
+their modules are never called; v is still called as a module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtrain.config import FPSAConfig
+
+from . import spectral
+from .attention import attend, key_padding_bias, merge_heads, split_heads
+from .implicit import AdjointRecord, attach_adjoint
+from .solver import SolveStats, solve
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+_LOOP_PROJECTIONS = ("q", "k", "o")  # the projections applied inside the loop (v is applied once, to X)
+
+
+def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach()
+
+
+@dataclass
+class _LoopMaps:
+    """The projections and the per-head attention scale that one application of f uses."""
+
+    q: Linear
+    k: Linear
+    o: Linear
+    scale: torch.Tensor | float
+
+
+class FixedPointAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, cfg: FPSAConfig, learned_temperature: bool = False) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.cfg = cfg
+        self.q = nn.Linear(d_model, d_model)
+        # no key bias: it shifts every logit of a query by the same amount, so softmax ignores it and its
+        # gradient is exactly 0 (only float noise, which Adam would amplify into steps)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+        self.log_temperature = nn.Parameter(torch.zeros(n_heads)) if learned_temperature else None
+        if cfg.spectral_norm:
+            for name in _LOOP_PROJECTIONS:
+                self.register_buffer(f"{name}_sigma_u", spectral.init_vector(getattr(self, name).weight))
+        self.last_solve: Optional[SolveStats] = None
+        self.last_adjoint = AdjointRecord()
+
+    # ------------------------------------------------------------------------------------------ the map f
+
+    def _scale(self) -> torch.Tensor | float:
+        base = 1.0 / math.sqrt(self.q.in_features // self.n_heads)
+        if self.log_temperature is None:
+            return base
+        return base * torch.exp(-self.log_temperature)[:, None, None]
+
+    def _loop_weights(self) -> dict[str, torch.Tensor]:
+        """W_Q, W_K, W_O for this forward, spectrally normalised once here when configured."""
+        weights = {name: getattr(self, name).weight for name in _LOOP_PROJECTIONS}
+        if self.cfg.spectral_norm:
+            weights = {name: spectral.normalise(w, getattr(self, f"{name}_sigma_u"), update=self.training)
+                       for name, w in weights.items()}
+        return weights
+
+    def _live_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
+        """The maps whose parameter gradients are wanted: module calls (F.linear on normalised weights with SN)."""
+        if not self.cfg.spectral_norm:
+            return _LoopMaps(q=self.q, k=self.k, o=self.o, scale=scale)
+        fns = {name: partial(F.linear, weight=weights[name], bias=getattr(self, name).bias) for name in weights}
+        return _LoopMaps(**fns, scale=scale)
+
+    def _frozen_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
+        """The same maps on detached parameters: for the no-grad solve and the adjoint's Jᵀλ products."""
+        fns = {name: partial(F.linear, weight=weights[name].detach(), bias=_detached(getattr(self, name).bias))
+               for name in weights}
+        return _LoopMaps(**fns, scale=scale.detach() if isinstance(scale, torch.Tensor) else scale)
+
+    def step(self, maps: _LoopMaps, z: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
+             bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """One damped iteration (1 - α) z + α F(z); v is [B, H, L, d_h]."""
+        q, k = split_heads(maps.q(z), self.n_heads), split_heads(maps.k(z), self.n_heads)
+        update = maps.o(merge_heads(attend(q, k, v, bias, maps.scale)))
+        target = x + update if self.cfg.reinject else update
+        alpha = self.cfg.damping
+        return (1 - alpha) * z + alpha * target
+
+    # ------------------------------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cfg = self.cfg
+        real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        bias = key_padding_bias(mask, x.dtype)
+        v = split_heads(self.v(x), self.n_heads)
+        weights, scale = self._loop_weights(), self._scale()
+        differentiable = torch.is_grad_enabled()
+
+        if differentiable and cfg.backward == "bptt":
+            live = self._live_maps(weights, scale)
+            z, self.last_solve = solve(lambda z: self.step(live, z, x, v, bias), x, real, cfg.tol, cfg.max_iter)
+        else:
+            frozen = self._frozen_maps(weights, scale)
+            x_const, v_const = x.detach(), v.detach()
+            with torch.no_grad():
+                z, self.last_solve = solve(lambda z: self.step(frozen, z, x_const, v_const, bias), x_const, real,
+                                           cfg.tol, cfg.max_iter)
+            if differentiable:
+                z = self._gradient_path(z, x, v, bias, self._live_maps(weights, scale), frozen)
+        return z - x if cfg.reinject else z
+
+    def _gradient_path(self, z_star: torch.Tensor, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                       live: _LoopMaps, frozen: _LoopMaps) -> torch.Tensor:
+        """Z* in value, with the gradient of the implicit or phantom backward."""
+        cfg = self.cfg
+        if cfg.backward == "implicit":
+            y = self.step(live, z_star, x, v, bias)
+            if y.requires_grad:
+                x_const, v_const = x.detach(), v.detach()
+                attach_adjoint(y, lambda z: self.step(frozen, z, x_const, v_const, bias), z_star,
+                               cfg.adj_max_iter, cfg.adj_tol, self.last_adjoint)
+        else:
+            y = z_star
+            for _ in range(cfg.phantom_steps):
+                y = self.step(live, y, x, v, bias)
+        return z_star + (y - y.detach())

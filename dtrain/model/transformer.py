@@ -1,0 +1,123 @@
+"""The pre-LN encoder used for every task, with vanilla or fixed-point self-attention.
+
+    h = token_embedding + position_embedding
+    per block:  h = h + drop(attn(LN(h), mask));  h = h + drop(FFN(LN(h)))      FFN = Linear -> GELU -> Linear
+    logits = head(LN(h))                 per-token tasks:    [B, L, C]
+    logits = head(masked_mean(LN(h)))    per-sequence tasks: [B, C]
+
+Dropout (model.dropout) is applied to the embeddings and to each sublayer's output, never inside attention, so
+the FPSA map stays deterministic across iterations.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dtrain.config import Config
+from dtrain.data import TaskSpec
+
+from .attention import VanillaAttention
+from .fpsa import FixedPointAttention
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.down = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, attn: nn.Module, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.attn = attn
+        self.ln_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, d_ff)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        h = h + self.drop(self.attn(self.ln_attn(h), mask))
+        return h + self.drop(self.ff(self.ln_ff(h)))
+
+
+class SelfTransformer(nn.Module):
+    def __init__(self, cfg: Config, spec: TaskSpec) -> None:
+        super().__init__()
+        m = cfg.model
+        if m.learned_temperature and m.attention != "fpsa":
+            raise ValueError("model.learned_temperature=true needs model.attention=fpsa (it is an FPSA parameter)")
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, m.d_model)
+        self.pos = nn.Embedding(spec.seq_len, m.d_model)
+        self.drop = nn.Dropout(m.dropout)
+
+        def attention() -> nn.Module:
+            if m.attention == "fpsa":
+                return FixedPointAttention(m.d_model, m.n_heads, cfg.fpsa, m.learned_temperature)
+            return VanillaAttention(m.d_model, m.n_heads)
+
+        d_ff = m.d_ff if m.d_ff is not None else 4 * m.d_model
+        self.blocks = nn.ModuleList(Block(attention(), m.d_model, d_ff, m.dropout) for _ in range(m.n_layers))
+        self.norm = nn.LayerNorm(m.d_model)
+        self.head = nn.Linear(m.d_model, spec.num_classes)
+
+    def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.drop(self.embed(tokens) + self.pos(positions))
+        for block in self.blocks:
+            h = block(h, mask)
+        h = self.norm(h)
+        if self.spec.per_token:
+            return self.head(h)
+        if mask is None:
+            return self.head(h.mean(dim=1))
+        weights = mask.to(h.dtype)[..., None]
+        return self.head((h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0))
+
+    # ------------------------------------------------------------------------------------------ FPSA stats
+
+    def fpsa_layers(self) -> list[FixedPointAttention]:
+        return [b.attn for b in self.blocks if isinstance(b.attn, FixedPointAttention)]
+
+    def fpsa_stats(self) -> dict[str, float]:
+        """Solver figures of the last forward ({} for vanilla attention).
+
+        fpsa/iters_l{i}: mean iterations per real token in layer i; fpsa/iters_mean: their mean over layers;
+        fpsa/loop_l{i}: iterations layer i's loop ran (its slowest token); fpsa/converged_frac: share of
+        (real token, layer) pairs that met fpsa.tol. After an implicit backward also fpsa/adj_iters_l{i} and
+        fpsa/adj_residual_l{i} (relative change of λ at exit) of the last adjoint solve.
+        """
+        layers = self.fpsa_layers()
+        solves = [layer.last_solve for layer in layers]
+        if not layers or any(s is None for s in solves):
+            return {}
+        stats: dict[str, float] = {}
+        for i, (layer, s) in enumerate(zip(layers, solves)):
+            stats[f"fpsa/iters_l{i}"] = s.mean_token_iters()
+            stats[f"fpsa/loop_l{i}"] = float(s.iters)
+            if layer.last_adjoint.iters:
+                stats[f"fpsa/adj_iters_l{i}"] = float(layer.last_adjoint.iters)
+                stats[f"fpsa/adj_residual_l{i}"] = layer.last_adjoint.residual
+        stats["fpsa/iters_mean"] = sum(stats[f"fpsa/iters_l{i}"] for i in range(len(layers))) / len(layers)
+        stats["fpsa/converged_frac"] = sum(s.converged_frac() for s in solves) / len(solves)
+        return stats
+
+    def fpsa_example_iters(self, layer: Optional[int] = None) -> torch.Tensor:
+        """int64 [B]: iterations each example of the last forward needed (until all its real tokens stopped),
+        in FPSA layer `layer`, or summed over layers when None."""
+        solves = [attn.last_solve for attn in self.fpsa_layers()]
+        if not solves or any(s is None for s in solves):
+            raise RuntimeError("fpsa_example_iters: no FPSA forward has run (or attention is vanilla)")
+        if layer is not None:
+            return solves[layer].example_iters()
+        return torch.stack([s.example_iters() for s in solves]).sum(dim=0)
+
+
+def build_model(cfg: Config, spec: TaskSpec) -> SelfTransformer:
+    return SelfTransformer(cfg, spec)

@@ -1,0 +1,101 @@
+"""Fault injection with real processes: every fault must end in a clear outcome, never a silent one.
+
+Each test injects one fault through DTRAIN_FAULT (dtrain/faults.py) or by damaging files, and checks the
+outcome against an uninterrupted run (the exact oracle) or against the expected one-line error.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_utils import max_rel_diff, metrics, model_state, summary, train
+
+pytestmark = pytest.mark.faults
+
+KILL_MID_STEP = {"DTRAIN_FAULT": "kill@train:step=5,rank=1"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("faults") / "uninterrupted"
+    train(run, nproc=2)
+    return run
+
+
+def _last_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dtrain: error")]
+    assert lines, proc.stderr[-3000:]
+    return lines[-1]
+
+
+def test_nan_on_one_rank_is_skipped_by_all(tmp_path: Path):
+    run = tmp_path / "nan"
+    proc = train(run, "train.consistency_every=1", nproc=2, extra_env={"DTRAIN_FAULT": "nan@loss:step=3,rank=1"})
+    assert "all ranks skip this update" in proc.stderr
+    rows = {r["step"]: r for r in metrics(run) if "train/loss" in r}
+    assert rows[3]["skipped"] is True and not any(rows[s]["skipped"] for s in rows if s != 3)
+    assert summary(run)["skipped_steps"] == 1  # and consistency_every=1 proved the replicas stayed identical
+
+
+def test_nan_with_stop_policy_stops_every_rank(tmp_path: Path):
+    proc = train(tmp_path / "stop", "train.nan_policy=stop", nproc=2,
+                 extra_env={"DTRAIN_FAULT": "nan@loss:step=2,rank=0"}, check=False)
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient" in _last_line(proc) and "step 2" in _last_line(proc)
+
+
+def test_silent_divergence_is_caught_and_named(tmp_path: Path):
+    proc = train(tmp_path / "diverge", "train.consistency_every=1", nproc=2,
+                 extra_env={"DTRAIN_FAULT": "perturb@train:step=2,rank=1"}, check=False)
+    assert proc.returncode != 0
+    line = _last_line(proc)
+    assert "ReplicaMismatch" in line and "embed.weight" in line
+
+
+def test_sigkill_mid_step_resumes_to_the_same_model(tmp_path: Path, uninterrupted: Path):
+    run = tmp_path / "killed"
+    proc = train(run, nproc=2, torchrun_args=("--max-restarts=1",), extra_env=KILL_MID_STEP)
+    assert "resumed from" in proc.stderr
+    assert max_rel_diff(model_state(uninterrupted), model_state(run)) == 0.0
+
+
+def test_sigkill_mid_checkpoint_never_replaces_the_last_good_one(tmp_path: Path, uninterrupted: Path):
+    run = tmp_path / "killed_ckpt"
+    proc = train(run, nproc=2, torchrun_args=("--max-restarts=1",),
+                 extra_env={"DTRAIN_FAULT": "kill@checkpoint:step=6,rank=0"})
+    assert "resumed from" in proc.stderr and "step_00000003" in proc.stderr
+    assert max_rel_diff(model_state(uninterrupted), model_state(run)) == 0.0
+    assert not list((run / "checkpoints").glob("*.partial"))
+
+
+def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path, uninterrupted: Path):
+    run = tmp_path / "corrupt"
+    train(run, nproc=2)
+    newest = run / "checkpoints" / "step_00000006"
+    victim = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    proc = train(run, nproc=2, resume=True)
+    assert "step_00000006 is unusable" in proc.stderr and "resumed from" in proc.stderr
+    assert "step_00000003" in proc.stderr
+    assert max_rel_diff(model_state(uninterrupted), model_state(run)) == 0.0
+
+
+def test_hung_peer_fails_within_the_timeout_naming_the_rank(tmp_path: Path):
+    t0 = time.monotonic()
+    proc = train(tmp_path / "hung", "comm.timeout_s=5", nproc=2,
+                 extra_env={"DTRAIN_FAULT": "stop@train:step=2,rank=1"}, check=False, timeout=180)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    line = _last_line(proc)
+    assert "PeerUnresponsive" in line and "rank 1" in line, line
+    assert elapsed < 120, f"took {elapsed:.0f} s to fail"
+
+
+def test_batch_not_divisible_by_world_size_names_both_numbers(tmp_path: Path):
+    proc = train(tmp_path / "div", "train.batch_size=7", nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "train.batch_size=7 is not divisible by the world size 2" in _last_line(proc)
+    assert 'File "' + str(Path(__file__).resolve().parents[2] / "dtrain") not in proc.stderr  # no dtrain traceback
