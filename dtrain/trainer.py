@@ -32,7 +32,7 @@ from .engine import build_engine
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .replicas import ReplicaMismatch, check_replicas
-from .rundir import RunDir, check_writable, default_run_dir
+from .rundir import RunDir, check_writable, default_run_dir, write_json_atomic
 from .tracking import Tracker
 
 
@@ -172,6 +172,13 @@ class Trainer:
         self.say(f"resumed from {path} (step {meta['step']})")
         return int(meta["step"]), meta.get("totals", {})
 
+    def _log_plan(self) -> None:
+        plan = self.strategy.describe()
+        for warning in plan.get("warnings", []):
+            self.say(f"warning: {warning}")
+        if self.env.is_main:
+            write_json_atomic(self.path / "plan.json", plan)
+
     def _save(self, step: int, totals: dict[str, float]) -> None:
         local = {"strategy": self.strategy.state_dict(), "rng": rng_state()}
         meta = {"data_position": step * self.cfg.train.batch_size, "scheduler": self.scheduler.state_dict(),
@@ -205,7 +212,7 @@ class Trainer:
                 self.heartbeat.beat(step + 1)
                 row = self._train_step(step, totals)
                 if not plan_logged:
-                    self.say(f"communication plan: {self.strategy.describe()}")
+                    self._log_plan()
                     plan_logged = True
                 done = step + 1
                 faults.fire("train", done, env.rank, self.model)
@@ -238,10 +245,11 @@ class Trainer:
         self.rundir.write_summary(summary)
         tracker.finish(summary)
         self.rundir.close()
+        ratio = summary["compression_ratio"]
+        versus = f"{ratio:.1f}x fewer bytes than" if ratio >= 1 else f"{1 / ratio:.1f}x MORE bytes than"
         self.say(f"done: {cfg.train.steps} steps | val acc {summary['final/val_acc']:.4f} | "
-                 f"{human_bytes(summary['comm/bytes_per_step'])}/step sent "
-                 f"({summary['compression_ratio']:.1f}x less than fp32 all-reduce) | {summary['wall_s']:.1f} s | "
-                 f"{self.path}")
+                 f"{human_bytes(summary['comm/bytes_per_step'])}/step sent ({versus} fp32 all-reduce) | "
+                 f"{summary['wall_s']:.1f} s | {self.path}")
         self.strategy.close()
         self.engine.close()
         return summary

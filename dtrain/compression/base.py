@@ -79,7 +79,8 @@ class Strategy(abc.ABC):
             raise ValueError(f"{self.name}: unexpected strategy state keys {sorted(state)}")
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able description (the per-layer plan for `auto`), logged once at start."""
+        """A JSON-able description (the per-layer plan for `auto`), written to the run directory's plan.json
+        after the first step. An optional "warnings" list of one-line strings is printed to the user."""
         return {"strategy": self.name}
 
     def close(self) -> None:

@@ -90,6 +90,14 @@ class RankDAD(DAD):
                     power_iters=self.cfg.power_iters, mode=self.cfg.rankdad_mode,
                     error_feedback=self.cfg.error_feedback, warm_start=self.cfg.warm_start,
                     factor_dtype=self.cfg.factor_dtype)
+        clipped = [f"{c.name} ({c.out_features}x{c.in_features})" for c in self.captures
+                   if self.cfg.rank >= min(c.in_features, c.out_features)]
+        if clipped:
+            info["warnings"] = [
+                f"comm.rank={self.cfg.rank} is not below min(in, out) of {len(clipped)} layer(s): "
+                f"{', '.join(clipped[:6])}{' ...' if len(clipped) > 6 else ''}; they use k=min(in, out), which is "
+                "exact at enough power iterations but sends at least as many bytes as all-reduce for that layer "
+                "(comm.strategy=auto picks per layer)"]
         return info
 
     def synchronize(self) -> CommStats:

@@ -99,3 +99,11 @@ def test_batch_not_divisible_by_world_size_names_both_numbers(tmp_path: Path):
     assert proc.returncode != 0
     assert "train.batch_size=7 is not divisible by the world size 2" in _last_line(proc)
     assert 'File "' + str(Path(__file__).resolve().parents[2] / "dtrain") not in proc.stderr  # no dtrain traceback
+
+
+def test_compression_rank_above_layer_dims_falls_back_and_says_so(tmp_path: Path):
+    run = tmp_path / "rank"
+    proc = train(run, "comm.strategy=rankdad", "comm.rank=64", "train.steps=2")
+    assert "warning: comm.rank=64 is not below min(in, out)" in proc.stderr and "blocks.0.attn.q (16x16)" in proc.stderr
+    assert "MORE bytes than fp32 all-reduce" in proc.stderr
+    assert json.loads((run / "plan.json").read_text())["warnings"]
