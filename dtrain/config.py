@@ -94,6 +94,8 @@ class CommConfig(_Section):
     min_compression_rate: float = Field(2.0, ge=1.0)
     factor_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     bucket_mb: float = Field(25.0, gt=0.0)
+    overlap: bool = Field(True, description="dad/rankdad/auto: start each Linear layer's collective during "
+                          "backward, as soon as its last Δ arrives, instead of after backward")
     timeout_s: float = Field(300.0, gt=0.0, description="a collective that takes longer fails the job")
 
 
@@ -146,6 +148,10 @@ class Config(_Section):
         if c.strategy == "ddp-powersgd" and c.start_step < 2 and (c.error_feedback or c.warm_start):
             raise ValueError(f"comm.start_step={c.start_step} with comm.strategy='ddp-powersgd': torch's PowerSGD "
                              "needs start_step >= 2 when error feedback or warm start is on")
+        if t.engine == "deepspeed" and self.comm.strategy in ("ddp", "ddp-powersgd"):
+            raise ValueError(f"comm.strategy={self.comm.strategy!r} wraps the model in DistributedDataParallel, "
+                             "which cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad "
+                             "or auto")
         if t.engine == "torch" and t.zero_stage:
             raise ValueError(f"train.zero_stage={t.zero_stage} needs train.engine=deepspeed")
         return self

@@ -103,8 +103,9 @@ def _check_supported(cfg, module: nn.Module, fwd: nn.Module) -> None:
                           "cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad or auto")
     if cfg.train.zero_stage:
         # ZeRO-1/2/3 move the optimizer onto flat fp32 partitions: the trainer's DCP checkpoint (model +
-        # optimizer, written at the end of every run) cannot map that state back to the model's parameters,
-        # and ZeRO-1/2 reduce gradients inside DeepSpeed, which would double the strategy's traffic.
+        # optimizer, written at the end of every run) then fails (get_state_dict: KeyError, measured for 1 and
+        # 2). Their optimizer wrappers also own the gradient reduction (stages 2/3 in backward hooks that
+        # enable_backward_allreduce does not cover), so the strategy could not be the only sync.
         raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not supported by dtrain's deepspeed engine "
                           "yet (ZeRO partitions the optimizer state, which dtrain's checkpoints cannot store); "
                           "use train.zero_stage=0")
@@ -121,10 +122,11 @@ class DeepSpeedEngine:
         import deepspeed  # deferred: importing it costs ~2 s and only this engine needs it
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.ds, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         # The strategy is the only gradient sync; DeepSpeed checks this flag in backward() and in step().
         self.ds.enable_backward_allreduce = False
+        _unlink_shm_workspace()
         self.module = module
         self.comms_logger = bool(ds_config["comms_logger"]["enabled"])
 
@@ -147,17 +149,21 @@ class DeepSpeedEngine:
 
             deepspeed.comm.log_summary()  # a barrier, then rank 0 prints DeepSpeed's own collectives
         self.ds.destroy()
-        _unlink_shm_workspace()
 
 
 def _unlink_shm_workspace() -> None:
-    """DeepSpeed's CPU shared-memory all-reduce, set up when every rank is on this machine (the deepspeed
-    launcher sets LOCAL_SIZE = WORLD_SIZE), creates a 66 MB /dev/shm segment per rank and never unlinks it:
-    without this, every run leaves them behind in RAM. The name is the one deepspeed/ops/csrc/cpu/comm/shm.cpp
-    builds; unlinking while mapped is safe (peers mapped it at init; the memory goes when the last one exits)."""
+    """DeepSpeed's CPU shared-memory all-reduce, set up in `initialize` when every rank is on this machine (the
+    deepspeed launcher sets LOCAL_SIZE = WORLD_SIZE), creates a 66 MB /dev/shm segment per rank and never
+    unlinks it: every run, crashed or not, would leave them in RAM. Each rank maps all peers' segments by name
+    during its `initialize` (and spins until they exist), so after a barrier the names are no longer needed:
+    unlinking then frees the memory when the last process exits. The name is built as in
+    deepspeed/ops/csrc/cpu/comm/shm.cpp."""
     env = os.environ
     if env.get("LOCAL_SIZE") != env.get("WORLD_SIZE", "1"):
         return
+    import torch.distributed as dist
+
+    dist.barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
             f"{env.get('RANK', '0')}")
     Path("/dev/shm", name).unlink(missing_ok=True)
