@@ -39,6 +39,9 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
+        if self.learned_temperature and self.attention != "fpsa":
+            raise ValueError("model.learned_temperature=true needs model.attention=fpsa (vanilla attention has no "
+                             "temperature parameter)")
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         return self
@@ -94,6 +97,9 @@ class CommConfig(_Section):
     min_compression_rate: float = Field(2.0, ge=1.0)
     factor_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     bucket_mb: float = Field(25.0, gt=0.0)
+    rest_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dad/rankdad/auto: dtype of the uncaptured gradients (biases, norms, embeddings); "
+        "bf16/fp16 travel in one all-gather with error feedback (lossy), fp32 is the exact all-reduce")
     overlap: bool = Field(True, description="dad/rankdad/auto: start each Linear layer's collective during "
                           "backward, as soon as its last Δ arrives, instead of after backward")
     timeout_s: float = Field(300.0, gt=0.0, description="a collective that takes longer fails the job")
@@ -136,10 +142,12 @@ class Config(_Section):
     def _combinations(self) -> "Config":
         t = self.train
         if t.engine == "deepspeed" and t.zero_stage >= 2 and self.comm.strategy != "allreduce":
+            # (with allreduce the config is valid, but the DeepSpeed engine refuses ZeRO-2/3 too: see
+            # deepspeed_engine._check_supported)
             raise ValueError(
                 f"train.zero_stage={t.zero_stage} with comm.strategy={self.comm.strategy!r}: ZeRO-2/3 partition "
-                "gradients inside DeepSpeed, so a custom strategy cannot see whole gradients; use zero_stage 0 or 1, "
-                "or comm.strategy=allreduce (DeepSpeed's own reduction)"
+                "gradients inside DeepSpeed, so a custom strategy cannot see whole gradients; use "
+                "train.zero_stage=1 (partitioned optimizer state, fed the strategy's gradient) or 0"
             )
         c = self.comm
         if c.strategy == "ddp-powersgd" and c.factor_dtype != "fp32":
@@ -152,6 +160,9 @@ class Config(_Section):
             raise ValueError(f"comm.strategy={self.comm.strategy!r} wraps the model in DistributedDataParallel, "
                              "which cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad "
                              "or auto")
+        if c.rest_dtype != "fp32" and c.strategy not in ("dad", "rankdad", "auto"):
+            raise ValueError(f"comm.rest_dtype={c.rest_dtype!r} with comm.strategy={c.strategy!r}: only dad, "
+                             "rankdad and auto send the uncaptured gradients separately; use rest_dtype=fp32")
         if t.engine == "torch" and t.zero_stage:
             raise ValueError(f"train.zero_stage={t.zero_stage} needs train.engine=deepspeed")
         return self

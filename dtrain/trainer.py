@@ -92,8 +92,9 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         dims = tuple(range(1, targets.dim()))
         ex_hits = hits.sum(dims) if dims else hits
         ex_valid = valid.sum(dims) if dims else valid
-        iters = model.fpsa_example_iters() if hasattr(model, "fpsa_example_iters") else None
-        iters = iters.float().cpu() if iters is not None else torch.zeros(len(tokens))
+        # FPSA: iterations each example needed, as the mean over layers
+        iters = (model.fpsa_example_iters().float().cpu() / len(model.fpsa_layers())
+                 if cfg.model.attention == "fpsa" else torch.zeros(len(tokens)))
         per_example.append(torch.stack([b.difficulty.float(), iters, ex_hits.float().cpu(),
                                         ex_valid.float().cpu()], dim=1))
     totals = torch.tensor([loss_sum, correct, counted], dtype=torch.float64)
@@ -164,7 +165,7 @@ class Trainer:
         if path is None:
             self.say("no checkpoint to resume from; starting at step 0")
             return 0, {}
-        meta, local = self.ckpt.load(path, self.model, self.optimizer)
+        meta, local = self.ckpt.load(path, self.model, self.optimizer, self.engine)
         self.scheduler.load_state_dict(meta["scheduler"])
         if local:
             self.strategy.load_state_dict(local.get("strategy", {}))
@@ -183,7 +184,7 @@ class Trainer:
         local = {"strategy": self.strategy.state_dict(), "rng": rng_state()}
         meta = {"data_position": step * self.cfg.train.batch_size, "scheduler": self.scheduler.state_dict(),
                 "totals": totals}
-        self.ckpt.save(step, self.model, self.optimizer, local, meta)
+        self.ckpt.save(step, self.model, self.optimizer, local, meta, self.engine)
 
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0 and step < self.cfg.train.steps

@@ -11,15 +11,6 @@ from dtrain.config import DataConfig
 from dtrain.data import IGNORE, build_task
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TASKS = ("parity", "s5", "a5", "listops")
 
 

@@ -14,15 +14,6 @@ from dtrain.data import TaskSpec
 from dtrain.model import build_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SPEC = TaskSpec(name="t", vocab_size=7, seq_len=8, num_classes=5, per_token=False, targets_per_example=1, pad_id=0)
 ITERS = 50  # every token runs all of them: tol is far below float64 resolution
 
@@ -63,10 +54,9 @@ def gradients(model, backward: str, **fpsa) -> dict[str, torch.Tensor]:
 
 
 def relative_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
-    """||got - ref|| / ||ref|| per parameter, with ||ref|| floored at 1e-8 of the largest gradient norm: some true
-    gradients are exactly zero and ref is rounding noise there (the key bias always, since softmax ignores the
-    constant q·b_k added to a row of scores; W_Q and W_K without re-injection, whose fixed point has every token
-    equal, so attention is uniform)."""
+    """||got - ref|| / ||ref|| per parameter, with ||ref|| floored at 1e-8 of the largest gradient norm: without
+    re-injection the true gradients of W_Q, W_K and b_Q are exactly zero (the fixed point has every token equal,
+    so attention is uniform) and ref is rounding noise there."""
     floor = 1e-8 * max(g.norm() for g in ref.values())
     return {name: ((got[name] - ref[name]).norm() / ref[name].norm().clamp_min(floor)).item() for name in ref}
 

@@ -90,8 +90,9 @@ class SelfTransformer(nn.Module):
 
         fpsa/iters_l{i}: mean iterations per real token in layer i; fpsa/iters_mean: their mean over layers;
         fpsa/loop_l{i}: iterations layer i's loop ran (its slowest token); fpsa/converged_frac: share of
-        (real token, layer) pairs that met fpsa.tol. After an implicit backward also fpsa/adj_iters_l{i} and
-        fpsa/adj_residual_l{i} (relative change of λ at exit) of the last adjoint solve.
+        (real token, layer) pairs that met fpsa.tol. After an implicit backward also fpsa/adj_iters_l{i},
+        fpsa/adj_residual_l{i} (relative change of λ at exit) and fpsa/adj_diverged_l{i} (examples whose adjoint
+        iteration was stopped on divergence) of the last adjoint solve.
         """
         layers = self.fpsa_layers()
         solves = [layer.last_solve for layer in layers]
@@ -104,6 +105,7 @@ class SelfTransformer(nn.Module):
             if layer.last_adjoint.iters:
                 stats[f"fpsa/adj_iters_l{i}"] = float(layer.last_adjoint.iters)
                 stats[f"fpsa/adj_residual_l{i}"] = layer.last_adjoint.residual
+                stats[f"fpsa/adj_diverged_l{i}"] = float(layer.last_adjoint.diverged)
         stats["fpsa/iters_mean"] = sum(stats[f"fpsa/iters_l{i}"] for i in range(len(layers))) / len(layers)
         stats["fpsa/converged_frac"] = sum(s.converged_frac() for s in solves) / len(solves)
         return stats
