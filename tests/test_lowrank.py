@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtrain.compression.lowrank import (Dense, OuterProduct, clip_rank, effective_rank, random_start,
                                         singular_values, subspace_iteration, truncate)
@@ -14,6 +13,7 @@ from dtrain.compression import build_strategy
 from dtrain.compression.rankdad import RankDAD
 from dtrain.config import CommConfig
 from toy_models import ToyEncoder, toy_batch
+from tensor_probe import LargestTensor
 
 
 def _known_spectrum(out: int, inp: int, sigma: torch.Tensor, seed: int = 0):
@@ -71,29 +71,14 @@ def test_clip_rank_and_effective_rank():
     assert 1.0 < effective_rank(torch.tensor([1.0, 0.5, 0.25])) < 3.0
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_factored_iteration_never_forms_the_out_by_in_matrix():
     out, inp, rows, k = 64, 48, 6, 3
     g = torch.Generator().manual_seed(5)
     delta, a = torch.randn(rows, out, generator=g), torch.randn(rows, inp, generator=g)
     start = random_start(inp, k, seed=0, like=a)
-    with _LargestTensor() as factored:
+    with LargestTensor() as factored:
         subspace_iteration(OuterProduct(delta, a), start, iters=4)
-    with _LargestTensor() as dense:  # the control: the detector does see an out×in product
+    with LargestTensor() as dense:  # the control: the detector does see an out×in product
         subspace_iteration(Dense(OuterProduct(delta, a).dense()), start, iters=4)
     assert factored.largest < out * inp, factored.largest
     assert dense.largest >= out * inp

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_utils import run_ranks
 from dtrain.compression import build_strategy
@@ -17,6 +16,7 @@ from dtrain.compression.auto import choose_method, layer_costs
 from dtrain.compression.capture import attach_linears
 from dtrain.config import CommConfig
 from toy_models import ToyEncoder, toy_batch
+from tensor_probe import LargestTensor
 
 GLOBAL_BATCH = 16  # 8 or 4 sequences of 6 tokens per rank: 48 or 24 rows, ≥ every layer's min(in, out)
 STEPS = 20
@@ -109,19 +109,6 @@ def test_capture_flags_an_ordinary_gradient_and_reports_each_delta():
     capture.remove()
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_captured_backward_never_forms_the_weight_gradient():
     out, inp, rows = 64, 48, 5
     captured, plain = nn.Linear(inp, out), nn.Linear(inp, out)
@@ -130,7 +117,7 @@ def test_captured_backward_never_forms_the_weight_gradient():
     sizes = {}
     for name, layer in (("captured", captured), ("plain", plain)):
         y = layer(x).sum()
-        with _LargestTensor() as mode:
+        with LargestTensor() as mode:
             y.backward()
         sizes[name] = mode.largest
     assert sizes["captured"] < out * inp <= sizes["plain"]  # the control shows the detector sees W's gradient
