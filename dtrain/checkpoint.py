@@ -2,9 +2,11 @@
 
 Layout of one checkpoint, `checkpoints/step_00000120/`:
     .metadata, __*.distcp   model + optimizer, through DCP (replicated tensors written once)
+    deepspeed/...           instead of DCP when the engine stores model + optimizer itself (`engine.state_format`,
+                            DeepSpeed ZeRO-1: its own checkpoint, one optimizer partition per rank)
     rank{r}.pt              what differs by rank: strategy memory (error feedback, warm starts), RNG states
-    meta.json               step, data position, scheduler, world size, and a manifest (size + sha256 of
-                            every file) written last
+    meta.json               step, data position, scheduler, world size, state format, and a manifest (size +
+                            sha256 of every file, subdirectories included) written last
 
 Atomicity: everything is written into `step_X.partial/`; after a barrier rank 0 writes meta.json and renames
 the directory to `step_X/`. A killed save leaves only a `.partial` directory, which is never loaded. On resume
@@ -30,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import faults
+from .config import ConfigError
 from .rundir import write_json_atomic
 
 _PREFIX = "step_"
@@ -66,10 +69,11 @@ def _sha256(path: Path) -> str:
 
 
 def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
     return {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != "meta.json"
+        name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+        if (name := p.relative_to(directory).as_posix()) != "meta.json"
     }
 
 
@@ -126,20 +130,26 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------------- save
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             local_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+             local_state: dict[str, Any], meta: dict[str, Any], engine: Any = None) -> Path:
+        """`engine`: when its `state_format` is set, it saves model + optimizer (`engine.save_state`), not DCP."""
         final = self.root / f"{_PREFIX}{step:08d}"
         partial = final.with_name(final.name + ".partial")
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+        state_format = _state_format(engine)
+        if state_format == "dcp":
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+        else:
+            engine.save_state(partial)
         torch.save(local_state, partial / f"rank{self.rank}.pt")
         faults.fire("checkpoint", step, self.rank)
         _barrier()
         if self.rank == 0:
-            full_meta = dict(meta, step=step, world_size=self.world_size, manifest=_manifest(partial))
+            full_meta = dict(meta, step=step, world_size=self.world_size, state_format=state_format,
+                             manifest=_manifest(partial))
             write_json_atomic(partial / "meta.json", full_meta)
             _fsync_dir(partial)
             if final.exists():  # re-saving a step after a resume: swap, never leave no checkpoint
@@ -175,13 +185,25 @@ class Checkpointer:
         chosen = _broadcast_int(chosen)
         return None if chosen < 0 else self.root / f"{_PREFIX}{chosen:08d}"
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             engine: Any = None) -> tuple[dict, dict]:
         """Restore model and optimizer in place; returns (meta, this rank's local state)."""
         meta = json.loads((path / "meta.json").read_text())
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        saved, wanted = meta.get("state_format", "dcp"), _state_format(engine)
+        if saved != wanted:
+            raise ConfigError(f"checkpoint {path} stores model and optimizer as {saved!r}, this run needs {wanted!r} "
+                              "(train.engine or train.zero_stage differ from the run that wrote it)")
+        if wanted == "dcp":
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            if meta.get("world_size") != self.world_size:
+                raise ConfigError(f"checkpoint {path} holds optimizer state partitioned over {meta.get('world_size')} "
+                                  f"ranks ({saved}); resume it with {meta.get('world_size')} ranks, not "
+                                  f"{self.world_size}")
+            engine.load_state(path)
         local_path = path / f"rank{self.rank}.pt"
         local: dict[str, Any] = {}
         if meta.get("world_size") == self.world_size and local_path.exists():
@@ -190,6 +212,10 @@ class Checkpointer:
             self.warn(f"checkpoint was written by {meta.get('world_size')} ranks, this job has {self.world_size}: "
                       "restoring model and optimizer; per-rank strategy memory and RNG start fresh")
         return meta, local
+
+
+def _state_format(engine: Any) -> str:
+    return getattr(engine, "state_format", None) or "dcp"
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -39,33 +40,85 @@ def reference_w2(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------ DeepSpeed
 
 
-def test_deepspeed_launcher_with_dad_matches_torchrun_allreduce(tmp_path: Path, reference_w2: Path):
-    run_dir = tmp_path / "ds-dad"
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_deepspeed_launcher_with_dad_matches_torchrun_allreduce(tmp_path: Path, reference_w2: Path, zero_stage: int):
+    run_dir = tmp_path / f"ds-dad-z{zero_stage}"
     port = free_port()
     proc = run([str(LAUNCH / "deepspeed.sh"), TINY, "--set", "comm.strategy=dad", "train.comms_logger=true",
-                f"run.dir={run_dir}"], NUM_GPUS="2", MASTER_PORT=str(port))
+                f"train.zero_stage={zero_stage}", f"run.dir={run_dir}"], NUM_GPUS="2", MASTER_PORT=str(port))
     out = proc.stdout + proc.stderr
     assert "--local_rank=1" in out, "the deepspeed launcher started the workers"
-    # DeepSpeed's comms logger sees every collective DeepSpeed makes: only its start-up broadcast of the
-    # weights, no gradient all-reduce of its own (the strategy's go through torch.distributed directly)
+    # DeepSpeed's comms logger sees every collective DeepSpeed makes: its start-up broadcast of the weights,
+    # no gradient reduction of its own (all_reduce, reduce, reduce_scatter: the strategy's collectives go
+    # through torch.distributed directly). ZeRO-1 adds its all-gather of the updated weight partitions.
     logged = out[out.index("Comm. Op"):]
-    assert "broadcast" in logged and "all_reduce" not in logged
+    assert "broadcast" in logged and not re.search(r"^\S*reduce", logged, re.M), logged
+    assert ("all_gather" in logged) == (zero_stage == 1)
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), "shm workspace left behind"
     s = summary(run_dir)
     assert (s["engine"], s["world_size"], s["strategy"]) == ("deepspeed", 2, "dad")
     assert max_rel_diff(model_state(run_dir), model_state(reference_w2)) < TOL
 
 
-def test_deepspeed_engine_resumes_from_its_checkpoint(tmp_path: Path, reference_w2: Path):
-    """ZeRO-0: the trainer's DCP checkpoint (module + our optimizer) restores a DeepSpeed run exactly."""
-    run_dir = tmp_path / "ds-resume"
-    killed = train(run_dir, "train.engine=deepspeed", nproc=2, check=False,
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_deepspeed_engine_resumes_from_its_checkpoint(tmp_path: Path, reference_w2: Path, zero_stage: int):
+    """ZeRO-0: the trainer's DCP checkpoint (module + our optimizer); ZeRO-1: DeepSpeed's own checkpoint (one
+    optimizer partition per rank) inside the trainer's atomic step directory. Both restore the run exactly."""
+    run_dir = tmp_path / f"ds-resume-z{zero_stage}"
+    overrides = ("train.engine=deepspeed", f"train.zero_stage={zero_stage}")
+    killed = train(run_dir, *overrides, nproc=2, check=False,
                    extra_env={"DTRAIN_FAULT": "kill@train:step=5,rank=1", "DS_ACCELERATOR": "cpu"})
     assert killed.returncode != 0 and not (run_dir / "model.pt").exists()
-    resumed = train(run_dir, "train.engine=deepspeed", nproc=2, resume=True, extra_env={"DS_ACCELERATOR": "cpu"})
+    step3 = run_dir / "checkpoints" / "step_00000003"
+    meta = json.loads((step3 / "meta.json").read_text())
+    if zero_stage:
+        assert meta["state_format"] == "deepspeed" and not (step3 / ".metadata").exists()
+        for r in (0, 1):
+            assert f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in meta["manifest"]
+    else:
+        assert meta["state_format"] == "dcp" and ".metadata" in meta["manifest"]
+    resumed = train(run_dir, *overrides, nproc=2, resume=True, extra_env={"DS_ACCELERATOR": "cpu"})
     assert "resumed from" in resumed.stderr and "step 3" in resumed.stderr
     assert summary(run_dir)["engine"] == "deepspeed"
     assert max_rel_diff(model_state(run_dir), model_state(reference_w2)) == 0.0
+
+
+class _FakeEngine:
+    """An engine that stores model + optimizer itself, in a subdirectory (as DeepSpeed's does)."""
+    state_format = "fake"
+
+    def __init__(self) -> None:
+        self.loaded = None
+
+    def save_state(self, directory: Path) -> None:
+        (directory / "fake" / "part").mkdir(parents=True)
+        (directory / "fake" / "part" / "optim.bin").write_bytes(b"partition")
+
+    def load_state(self, directory: Path) -> None:
+        self.loaded = (directory / "fake" / "part" / "optim.bin").read_bytes()
+
+
+def test_engine_owned_state_is_in_the_manifest_and_its_format_is_checked(tmp_path: Path):
+    import torch
+
+    from dtrain.checkpoint import Checkpointer, verify
+    from dtrain.config import ConfigError
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(tmp_path, rank=0, world_size=1)
+    path = ckpt.save(3, model, opt, {"x": 1}, {"scheduler": {}}, engine=_FakeEngine())
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["state_format"] == "fake" and set(meta["manifest"]) == {"fake/part/optim.bin", "rank0.pt"}
+    assert verify(path) is None and ckpt.latest_valid() == path
+    engine = _FakeEngine()
+    assert ckpt.load(path, model, opt, engine=engine)[1] == {"x": 1} and engine.loaded == b"partition"
+    with pytest.raises(ConfigError, match="stores model and optimizer as 'fake', this run needs 'dcp'"):
+        ckpt.load(path, model, opt)
+    with pytest.raises(ConfigError, match="partitioned over 1 ranks .* not 2"):
+        Checkpointer(tmp_path, rank=0, world_size=2).load(path, model, opt, engine=engine)
+    (path / "fake" / "part" / "optim.bin").write_bytes(b"partitioN")  # a nested file is covered too
+    assert verify(path) == "fake/part/optim.bin checksum mismatch"
 
 
 def _cfg(*overrides: str):
@@ -81,6 +134,9 @@ def test_ds_config_is_generated_from_our_config():
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 1)
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"] == {"stage": 0}
     assert ds["comms_logger"]["enabled"] is True
+    # ZeRO-1: no gradient bucket (DeepSpeed's reduction never runs) and no norm all-reduce (DeepSpeed doesn't clip)
+    ds = build_ds_config(_cfg("train.engine=deepspeed", "train.zero_stage=1"), 2)
+    assert ds["zero_optimization"] == {"stage": 1, "contiguous_gradients": False, "compute_grad_norm": False}
 
 
 def test_ds_config_merges_a_user_json(tmp_path: Path):
@@ -103,6 +159,8 @@ def test_ds_config_merges_a_user_json(tmp_path: Path):
     ({"optimizer": {"type": "Adam"}}, "'optimizer' is not supported"),
     ({"bf16": {"enabled": True}}, "bf16 is not supported"),
     ({"zero_optimization": {"stage": 1}}, "differs from train.zero_stage=0"),
+    ({"zero_optimization": {"overlap_comm": True}}, "overlap_comm=true is not supported"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer is not supported"),
     ("{not json", "is not valid JSON"),
 ])
 def test_ds_config_refuses_what_would_bypass_the_trainer(tmp_path: Path, content, message):
@@ -127,8 +185,9 @@ def test_ds_config_missing_file_is_one_line():
 @pytest.mark.parametrize("overrides, message", [
     (("comm.strategy=ddp",), "wraps the model"),
     (("comm.strategy=ddp-powersgd",), "wraps the model"),
-    (("train.zero_stage=1",), "train.zero_stage=1 is not supported"),
     (("train.zero_stage=2",), "train.zero_stage=2 is not supported"),
+    (("train.zero_stage=3",), "train.zero_stage=3 is not supported"),
+    (("train.zero_stage=2", "comm.strategy=dad"), "ZeRO-2/3 partition gradients inside DeepSpeed"),
 ])
 def test_deepspeed_engine_refuses_before_starting(tmp_path: Path, overrides, message):
     """Exit 2 with one line, from a plain `dtrain train` process."""

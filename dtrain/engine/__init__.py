@@ -2,10 +2,16 @@
 
 The trainer calls, per step: `forward`, `backward`, then the strategy's `synchronize()`, then `step`.
 An engine must never synchronise gradients itself: that is the strategy's job.
+
+Checkpoints: with `state_format = None` the Checkpointer stores `module` and the torch optimizer itself (DCP).
+An engine whose optimizer state is not a plain torch optimizer's (DeepSpeed ZeRO-1: partitioned across ranks)
+names its format instead and writes and reads model + optimizer itself with `save_state(dir)` / `load_state(dir)`,
+called on every rank, inside the checkpoint directory (so the manifest covers the files).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Optional, Protocol
 
 import torch
 from torch import nn
@@ -13,6 +19,7 @@ from torch import nn
 
 class Engine(Protocol):
     module: nn.Module  # the model whose parameters are trained (unwrapped)
+    state_format: Optional[str]  # None: DCP; else save_state/load_state below (recorded in meta.json)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
 
@@ -24,8 +31,15 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
+    # only when state_format is set:
+    def save_state(self, directory: Path) -> None: ...
+
+    def load_state(self, directory: Path) -> None: ...
+
 
 class TorchEngine:
+    state_format: Optional[str] = None
+
     def __init__(self, module: nn.Module, fwd: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
         self.module, self.fwd, self.optimizer, self.scheduler = module, fwd, optimizer, scheduler

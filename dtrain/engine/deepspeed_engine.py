@@ -7,7 +7,12 @@ DeepSpeed has no comm-hook API, so its own backward all-reduce is switched off
 optimizer and scheduler (a "client" optimizer): its own optimizers JIT-compile fused C++ ops on CPU (30-46 s
 on first use), and ours keeps 1-rank and N-rank runs bit-comparable with the torch engine.
 
-ZeRO: stage 0 only, see `_check_supported` for why stages 1-3 are refused.
+ZeRO-1 (`train.zero_stage: 1`): DeepSpeed partitions the optimizer state; each rank steps its slice of the
+flat fp32 parameters and all-gathers the result. Its gradient reduction is the same `allreduce_gradients()` that
+the flag switches off, and the epilogue of that reduction is also what copies this rank's slice of p.grad into the
+flat partition the step reads. `step()` below runs that epilogue on the strategy's synchronised p.grad, with
+nothing queued for DeepSpeed to reduce (checked). Its checkpoints are DeepSpeed's own (`save_state`), since
+the optimizer state exists only in partitions. ZeRO-2/3 are refused, see `_check_supported`.
 """
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ import copy
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -55,6 +61,11 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
     if t.batch_size % world_size:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the world size {world_size}")
     micro = t.batch_size // world_size
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 1:
+        # contiguous_gradients only stages DeepSpeed's own reduction (a 2 GB bucket by default), which never
+        # runs here; compute_grad_norm would all-reduce a norm that only DeepSpeed's clipping (off) would use
+        zero.update(contiguous_gradients=False, compute_grad_norm=False)
     generated: dict[str, Any] = {
         # one micro-batch per step: the trainer has no gradient accumulation
         "train_batch_size": t.batch_size,
@@ -62,7 +73,9 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": 1,
         # the trainer clips after strategy.synchronize(), on the synchronised gradient
         "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
+        # our checkpoint tag is the same on every rank by construction: no all-reduces to compare it
+        "checkpoint": {"tag_validation": "Ignore"},
         "steps_per_print": 2**31 - 1,  # progress is the trainer's tqdm bar
         "comms_logger": {"enabled": t.comms_logger, "verbose": False, "prof_all": True},
     }
@@ -90,10 +103,18 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
     for key in ("fp16", "bf16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
             raise ConfigError(f"{src}: {key} is not supported: the strategies synchronise fp32 gradients on p.grad")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
     if stage != t.zero_stage:
         raise ConfigError(f"{src}: zero_optimization.stage={stage} differs from train.zero_stage={t.zero_stage}; "
                           "set the stage with train.zero_stage")
+    if zero.get("overlap_comm"):
+        raise ConfigError(f"{src}: zero_optimization.overlap_comm=true is not supported: it reduces gradients in "
+                          "DeepSpeed's backward hooks, a second sync next to comm.strategy; remove it")
+    for key in ("offload_optimizer", "offload_param"):
+        if isinstance(zero.get(key), dict) and zero[key].get("device", "none") != "none":
+            raise ConfigError(f"{src}: zero_optimization.{key} is not supported: ZeRO-Offload moves gradients "
+                              "inside DeepSpeed's own reduction, which comm.strategy replaces; remove it")
     return ds
 
 
@@ -101,14 +122,15 @@ def _check_supported(cfg, module: nn.Module, fwd: nn.Module) -> None:
     if fwd is not module:
         raise ConfigError(f"comm.strategy={cfg.comm.strategy!r} wraps the model (DistributedDataParallel), which "
                           "cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad or auto")
-    if cfg.train.zero_stage:
-        # ZeRO-1/2/3 move the optimizer onto flat fp32 partitions: the trainer's DCP checkpoint (model +
-        # optimizer, written at the end of every run) then fails (get_state_dict: KeyError, measured for 1 and
-        # 2). Their optimizer wrappers also own the gradient reduction (stages 2/3 in backward hooks that
-        # enable_backward_allreduce does not cover), so the strategy could not be the only sync.
-        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not supported by dtrain's deepspeed engine "
-                          "yet (ZeRO partitions the optimizer state, which dtrain's checkpoints cannot store); "
-                          "use train.zero_stage=0")
+    if cfg.train.zero_stage >= 2:
+        # ZeRO-2 reduce-scatters each gradient in a backward hook that enable_backward_allreduce does not cover,
+        # then frees p.grad; ZeRO-3 also partitions the weights. The strategy (even allreduce: it would reduce a
+        # second time, or find no p.grad), the trainer's clipping and its NaN check all need whole gradients.
+        # (The config already refuses ZeRO-2/3 with the other strategies.)
+        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not supported by dtrain's deepspeed engine: "
+                          "ZeRO-2/3 reduce and partition the gradients inside DeepSpeed's backward, where "
+                          "comm.strategy cannot replace the sync; use train.zero_stage=1 (partitioned optimizer "
+                          "state) or 0")
 
 
 class DeepSpeedEngine:
@@ -122,13 +144,19 @@ class DeepSpeedEngine:
         import deepspeed  # deferred: importing it costs ~2 s and only this engine needs it
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+        # ZeRO-1's weight all-gather calls this torch API, which warns once per process on every run
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         self.ds, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         # The strategy is the only gradient sync; DeepSpeed checks this flag in backward() and in step().
         self.ds.enable_backward_allreduce = False
         _unlink_shm_workspace()
         self.module = module
+        self.zero_stage = cfg.train.zero_stage
         self.comms_logger = bool(ds_config["comms_logger"]["enabled"])
+        # ZeRO-0 keeps plain module + torch optimizer: the Checkpointer's DCP stores them. ZeRO-1's optimizer
+        # state exists only as per-rank partitions: DeepSpeed's own checkpoint (save_state / load_state).
+        self.state_format: Optional[str] = "deepspeed" if self.zero_stage else None
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.ds(tokens, mask)
@@ -137,8 +165,44 @@ class DeepSpeedEngine:
         self.ds.backward(loss)
 
     def step(self) -> None:
+        if self.zero_stage == 1:
+            self._partition_gradients()
         # optimizer.step(), then zero_grad, then scheduler.step(): the torch engine's order
         self.ds.step()
+
+    def _partition_gradients(self) -> None:
+        """ZeRO-1: hand the strategy's synchronised (averaged, clipped) p.grad to the partitioned step.
+
+        DeepSpeed 0.19 stage 1 reduces in `allreduce_gradients()` -> `optimizer.reduce_gradients()`, which queues
+        every p.grad into its buckets, reduces them (`average_tensor`: reduce to the owning rank, divided by the
+        world size) and ends with `independent_gradient_partition_epilogue()`. That epilogue reduces what is still
+        queued, then copies this rank's slice of each p.grad into `averaged_gradients`, which
+        `optimizer.step()` reads (without it: KeyError 0). With the reduction switched off, nothing is queued
+        (stage 1 without overlap_comm queues nothing in backward hooks; checked here, so a DeepSpeed change cannot
+        silently add a second sync), and the epilogue only builds the partition from p.grad as it is."""
+        opt = self.ds.optimizer
+        queued = sum(b.elements + len(b.params) for b in opt.ipg_buckets.values())
+        if queued:
+            raise RuntimeError(f"DeepSpeed queued gradients for its own reduction ({queued} elements/params) "
+                               "although enable_backward_allreduce is off; comm.strategy must be the only sync")
+        opt.independent_gradient_partition_epilogue()
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    _TAG = "state"
+
+    def save_state(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint under `directory/deepspeed/`: `state/mp_rank_00_model_states.pt` (rank 0:
+        module weights, engine counters), `state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt` (every rank: its
+        fp32 partition and its optimizer state), `latest` and DeepSpeed's `zero_to_fp32.py` / `zero_to_torch.py`
+        (which turn the partitions into one fp32 state dict). Every rank calls it; it ends with a barrier."""
+        self.ds.save_checkpoint(str(directory / "deepspeed"), tag=self._TAG, client_state={}, save_latest=True)
+
+    def load_state(self, directory: Path) -> None:
+        """Weights and optimizer partitions back into the engine. The scheduler is the trainer's (meta.json)."""
+        path, _ = self.ds.load_checkpoint(str(directory / "deepspeed"), tag=self._TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load its checkpoint from {directory / 'deepspeed'}")
 
     def zero_grad(self) -> None:
         self.ds.zero_grad()
