@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -81,50 +83,80 @@ class PeerUnresponsive(RuntimeError):
 
 
 class Heartbeat:
-    """Each rank records the step it is working on in the job's c10d store (one small `set` per step).
+    """Liveness of every rank, through the job's c10d store.
 
-    When a collective times out, the store is still reachable (it is a separate connection), so the ranks
-    whose heartbeat stopped can be named instead of just reporting "timed out".
+    A daemon thread writes "<step this rank is working on> <time>" every `interval_s` through a store client of
+    its own. A rank blocked in a collective keeps beating; a stopped process, a dead host or a link that went
+    down stops. So when a collective times out, the ranks whose beats stopped can be named, instead of only
+    "timed out".
     """
 
-    def __init__(self, env: DistEnv, timeout_s: float = 5.0) -> None:
-        self.rank, self.world_size = env.rank, env.world_size
-        self.store = None
+    def __init__(self, env: DistEnv, interval_s: float = 1.0, timeout_s: float = 5.0) -> None:
+        self.rank, self.world_size, self.interval_s = env.rank, env.world_size, interval_s
+        self.step = 0
+        self._timeout = datetime.timedelta(seconds=timeout_s)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         if env.world_size > 1 and "MASTER_ADDR" in os.environ:
-            # A client of its own with a short timeout: the process group's store keeps its own settings.
-            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            self.store = dist.PrefixStore(f"dtrain/heartbeat/{attempt}", client)
+            self._prefix = f"dtrain/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            self._thread = threading.Thread(target=self._run, name="dtrain-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _client(self) -> dist.Store:
+        # a client of its own with a short timeout: the process group's store keeps its own settings
+        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                               timeout=self._timeout, wait_for_workers=False)
+        return dist.PrefixStore(self._prefix, client)
+
+    def _run(self) -> None:
+        store = None
+        while not self._stop.is_set():
+            try:
+                store = store or self._client()
+                store.set(str(self.rank), f"{self.step} {time.time():.3f}")
+            except Exception:  # noqa: BLE001 - store unreachable for now: try again next beat
+                store = None
+            self._stop.wait(self.interval_s)
 
     def beat(self, step: int) -> None:
-        if self.store is not None:
-            self.store.set(str(self.rank), f"{step} {time.time():.3f}")
+        """Record the step this rank is working on (the thread publishes it)."""
+        self.step = step
+
+    def close(self) -> None:
+        self._stop.set()
 
     def diagnose(self, step: int) -> str:
-        """One sentence on which ranks never started `step`, the step this rank is stuck in (never raises)."""
-        if self.store is None:
+        """One sentence on which ranks stopped beating (never raises)."""
+        if self._thread is None:
             return "no peers"
-        lagging, unreachable = [], False
+        try:
+            store = self._client()
+        except Exception:  # noqa: BLE001
+            return "the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to it is down"
+        silent_after = 3 * self.interval_s + 2.0
         now = time.time()
+        silent, behind = [], []
         for r in range(self.world_size):
             if r == self.rank:
                 continue
             try:
-                if not self.store.check([str(r)]):
-                    lagging.append(f"rank {r} (no heartbeat yet)")
+                if not store.check([str(r)]):
+                    silent.append(f"rank {r} (never sent a heartbeat)")
                     continue
-                last_step, stamp = self.store.get(str(r)).decode().split()
+                last_step, stamp = store.get(str(r)).decode().split()
             except Exception:  # noqa: BLE001 - the store itself is unreachable
-                unreachable = True
-                break
-            if int(last_step) < step:
-                lagging.append(f"rank {r} (last started step {last_step}, {now - float(stamp):.0f} s ago)")
-        if unreachable:
-            return "the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to it is down"
-        if lagging:
-            return "unresponsive: " + ", ".join(lagging)
-        return f"every peer started step {step}; the failure happened inside it"
+                return ("the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to "
+                        "it is down")
+            age = now - float(stamp)
+            if age > silent_after:
+                silent.append(f"rank {r} (no heartbeat for {age:.0f} s, was on step {last_step})")
+            elif int(last_step) < step:
+                behind.append(f"rank {r} (alive, still on step {last_step})")
+        if silent:
+            return "unresponsive: " + ", ".join(silent)
+        if behind:
+            return "behind: " + ", ".join(behind)
+        return f"every peer is alive and on step {step}; the failure happened inside it"
 
 
 def is_comm_failure(err: BaseException) -> bool:

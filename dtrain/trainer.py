@@ -232,6 +232,7 @@ class Trainer:
             last_eval = self._eval_row(cfg.train.steps, totals, tracker)
             self._save(cfg.train.steps, totals)
         except BaseException as err:
+            self.heartbeat.close()
             bar.close()
             tracker.finish()
             self.rundir.close()
@@ -240,6 +241,7 @@ class Trainer:
                                        f"(comm.timeout_s={cfg.comm.timeout_s:g}): {self.heartbeat.diagnose(step + 1)}; "
                                        f"cause: {str(err).splitlines()[0][:200]}") from err
             raise
+        self.heartbeat.close()
         bar.close()
         summary = self._summary(totals, last_eval, time.perf_counter() - wall0)
         self.rundir.save_model(self.model.state_dict())

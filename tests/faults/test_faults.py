@@ -107,3 +107,54 @@ def test_compression_rank_above_layer_dims_falls_back_and_says_so(tmp_path: Path
     assert "warning: comm.rank=64 is not below min(in, out)" in proc.stderr and "blocks.0.attn.q (16x16)" in proc.stderr
     assert "MORE bytes than fp32 all-reduce" in proc.stderr
     assert json.loads((run / "plan.json").read_text())["warnings"]
+
+
+def _netns_usable() -> str | None:
+    import os
+    import shutil
+    import subprocess
+    if os.geteuid() != 0:
+        return "needs root (ip netns, veth)"
+    if not shutil.which("ip") or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        return "needs iproute2 with network namespaces"
+    return None
+
+
+@pytest.mark.root
+@pytest.mark.skipif(_netns_usable() is not None, reason=str(_netns_usable()))
+def test_link_down_fails_within_the_timeout_naming_the_unreachable_rank(tmp_path: Path):
+    """Two hosts in network namespaces; host 1's switch port goes down mid-run."""
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, TINY, env
+    run = tmp_path / "linkdown"
+    cmd = [sys.executable, str(ROOT / "launch" / "netns_cluster.py"), "--hosts", "2", "--prefix", "dtfl",
+           "--subnet", "10.78.0", "--port", "29471", "--timeout", "170", "--", "--config", TINY,
+           "--set", f"run.dir={run}", "train.steps=100000", "eval.every=0", "checkpoint.every=0",
+           "comm.timeout_s=8", "log.wandb=disabled"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = (run / "metrics.jsonl").read_text().count("\n") if (run / "metrics.jsonl").exists() else 0
+            if rows >= 5:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        t0 = time.monotonic()
+        subprocess.run(["ip", "-n", "dtfl-sw", "link", "set", "p1", "down"], check=True)
+        out, _ = proc.communicate(timeout=150)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert proc.returncode != 0
+    host0 = (run.with_name(run.name + ".netns-logs") / "host0.log").read_text()
+    host1 = (run.with_name(run.name + ".netns-logs") / "host1.log").read_text()
+    assert "PeerUnresponsive" in host0 and "unresponsive: rank 1" in host0, host0[-3000:]
+    assert "PeerUnresponsive" in host1 and "rank 0" in host1, host1[-3000:]
+    assert elapsed < 90, f"took {elapsed:.0f} s after the link went down"
+    assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                if ns.startswith("dtfl-")], "namespaces torn down"
