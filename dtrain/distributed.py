@@ -82,6 +82,10 @@ class PeerUnresponsive(RuntimeError):
     """A collective failed or timed out; the message names the ranks that stopped making progress."""
 
 
+_STORE_UNREACHABLE = ("the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to it "
+                      "is down")
+
+
 class Heartbeat:
     """Liveness of every rank, through the job's c10d store.
 
@@ -132,7 +136,7 @@ class Heartbeat:
         try:
             store = self._client()
         except Exception:  # noqa: BLE001
-            return "the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to it is down"
+            return _STORE_UNREACHABLE
         silent_after = 3 * self.interval_s + 2.0
         now = time.time()
         silent, behind = [], []
@@ -145,8 +149,7 @@ class Heartbeat:
                     continue
                 last_step, stamp = store.get(str(r)).decode().split()
             except Exception:  # noqa: BLE001 - the store itself is unreachable
-                return ("the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to "
-                        "it is down")
+                return _STORE_UNREACHABLE
             age = now - float(stamp)
             if age > silent_after:
                 silent.append(f"rank {r} (no heartbeat for {age:.0f} s, was on step {last_step})")
