@@ -202,13 +202,15 @@ def run_hosts(commands: list[list[str]], logs: list[Path], timeout_s: float, gra
                 deadline = min(deadline, time.monotonic() + grace_s)
             time.sleep(0.2)
     finally:
+        # one shared 10 s grace for every host (not 10 s each), then SIGKILL whatever is left
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
+        grace_end = time.monotonic() + 10
+        while any(p.poll() is None for p in procs) and time.monotonic() < grace_end:
+            time.sleep(0.1)
         for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
+            if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     return [p.returncode for p in procs]

@@ -105,7 +105,7 @@ def test_ctrl_c_stops_the_job_and_tears_down(tmp_path: Path):
             time.sleep(0.5)
         assert (run_dir / "metrics.jsonl").exists(), "the job did not start"
         tool.send_signal(signal.SIGINT)
-        _, err = tool.communicate(timeout=60)
+        _, err = tool.communicate(timeout=120)  # teardown waits at most ~10 s for hosts + 10 s per namespace
     finally:
         if tool.poll() is None:
             tool.kill()
