@@ -26,8 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .buckets import BucketedMean
-from .dad import DAD, LayerStep
+from .dad import DAD, LayerStep, Launched
 from .lowrank import clip_rank
 from .rankdad import FACTOR_DTYPES, RankDAD
 
@@ -122,9 +121,18 @@ class AutoStrategy(RankDAD):
             self.rest.append((f"{c.name}.weight", c.weight))
         released = {id(layer.capture) for layer in layers}
         self.captures = [c for c in self.captures if id(c) not in released]
-        self.rest_mean = BucketedMean(self.rest, self.cfg.bucket_mb, prefix=f"{self.name}/rest")
+        self.rest_mean = self._rest_sync(self._rest_state())
 
-    def _weight_grad(self, layer: LayerStep) -> Optional[torch.Tensor]:
+    def _overlap_ready(self) -> bool:
+        """Overlap once the plan is made and its allreduce layers are released (after the first step)."""
+        return self.plan is not None and all(self.plan[c.name]["method"] != "allreduce" for c in self.captures)
+
+    def _launch(self, layer: LayerStep) -> Launched:
         if self.plan[layer.capture.name]["method"] == "dad":
-            return DAD._weight_grad(self, layer)
-        return super()._weight_grad(layer)
+            return DAD._launch(self, layer)
+        return super()._launch(layer)
+
+    def _finish(self, launched: Launched) -> Optional[torch.Tensor]:
+        if self.plan[launched.layer.capture.name]["method"] == "dad":
+            return DAD._finish(self, launched)
+        return super()._finish(launched)

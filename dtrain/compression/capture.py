@@ -33,25 +33,43 @@ from torch.autograd.graph import get_gradient_edge
 from torch.nn.utils import parametrize
 
 
+class CallClock:
+    """A counter shared by the captures of one model: the order of their first grad-enabled call in forward."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def tick(self) -> int:
+        self.ticks += 1
+        return self.ticks
+
+
 class LinearCapture:
     """The (A, Δ) pairs recorded for one managed weight since the last `take()`.
 
     Several modules sharing one weight Parameter share one capture: their rows add up like calls.
     """
 
-    def __init__(self, name: str, weight: nn.Parameter) -> None:
+    def __init__(self, name: str, weight: nn.Parameter, clock: Optional[CallClock] = None) -> None:
         self.name = name
         self.weight = weight
         self.out_features, self.in_features = weight.shape
         self.modules: list[nn.Linear] = []
         self._inputs: list[torch.Tensor] = []
         self._deltas: list[torch.Tensor] = []
+        self.clock = clock if clock is not None else CallClock()
         #: grad-enabled calls whose Δ has not arrived yet; 0 after the last one arrives (if it does)
         self.pending = 0
+        #: rows (leading dimensions flattened) of the grad-enabled calls since the last `take()`: known after
+        #: forward, before any Δ arrives (what an overlapping strategy exchanges at the start of backward)
+        self.forward_rows = 0
+        #: `clock` tick of the first grad-enabled call since the last `take()` (None: no call): captures
+        #: called later in forward usually deliver their last Δ earlier in backward
+        self.first_call: Optional[int] = None
         #: True once an ordinary (non-captured) gradient was accumulated into weight.grad this step
         self.dense_grad_arrived = False
-        #: optional callback fired in backward right after each recorded Δ (issue 9: start collectives
-        #: during the rest of backward); `pending == 0` tells that every recorded call has delivered
+        #: optional callback fired in backward right after each recorded Δ (dad/rankdad with comm.overlap
+        #: start a layer's collective there); `pending == 0` tells that every recorded call has delivered
         self.on_delta: Optional[Callable[["LinearCapture"], None]] = None
         self._hook = weight.register_hook(self._note_dense_grad)
 
@@ -68,10 +86,27 @@ class LinearCapture:
         if self.on_delta is not None:
             self.on_delta(self)
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, Δ) of every recorded call stacked along rows ((rows, in), (rows, out)); starts a new step."""
+    @property
+    def recorded_rows(self) -> int:
+        """Rows recorded since the last `take()`."""
+        return sum(a.shape[0] for a in self._inputs)
+
+    def called(self, rows: int) -> None:
+        """A grad-enabled forward call with `rows` rows (its Δ is now pending)."""
+        self.pending += 1
+        self.forward_rows += rows
+        if self.first_call is None:
+            self.first_call = self.clock.tick()
+
+    def take(self, reset_dense: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, Δ) of every recorded call stacked along rows ((rows, in), (rows, out)); starts a new step.
+
+        `reset_dense=False` keeps `dense_grad_arrived` (a strategy taking the pairs during backward reads the
+        flag after backward and resets it with `reset_dense()`)."""
         w = self.weight
-        if self._inputs:
+        if len(self._inputs) == 1:  # the usual case: no copy
+            a, delta = self._inputs[0].to(w.dtype), self._deltas[0].to(w.dtype)
+        elif self._inputs:
             a = torch.cat(self._inputs).to(w.dtype)
             delta = torch.cat(self._deltas).to(w.dtype)
         else:
@@ -79,8 +114,14 @@ class LinearCapture:
             delta = w.new_zeros((0, self.out_features))
         self._inputs, self._deltas = [], []
         self.pending = 0
-        self.dense_grad_arrived = False
+        self.forward_rows = 0
+        self.first_call = None
+        if reset_dense:
+            self.dense_grad_arrived = False
         return a, delta
+
+    def reset_dense(self) -> None:
+        self.dense_grad_arrived = False
 
     def remove(self) -> None:
         """Restore the modules' own forward and drop the gradient hook."""
@@ -121,7 +162,7 @@ class CapturedLinearFn(torch.autograd.Function):
 def _captured_forward(module: nn.Linear, capture: LinearCapture) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and module.weight.requires_grad:
-            capture.pending += 1
+            capture.called(x.numel() // capture.in_features if capture.in_features else 0)
             return CapturedLinearFn.apply(x, module.weight, module.bias, capture)
         return F.linear(x, module.weight, module.bias)
 
@@ -143,12 +184,13 @@ def attach_linears(model: nn.Module, skip: frozenset[str] = frozenset()) -> list
     instance's `forward` attribute is set, and `LinearCapture.remove()` deletes it again.
     """
     by_weight: dict[int, LinearCapture] = {}
+    clock = CallClock()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name in skip or not _plain_trainable_weight(module):
             continue
         capture = by_weight.get(id(module.weight))
         if capture is None:
-            capture = by_weight[id(module.weight)] = LinearCapture(name, module.weight)
+            capture = by_weight[id(module.weight)] = LinearCapture(name, module.weight, clock)
         module.forward = _captured_forward(module, capture)
         capture.modules.append(module)
     return list(by_weight.values())

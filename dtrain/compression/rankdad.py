@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 from .base import CommStats
-from .dad import DAD, LayerStep
-from .lowrank import (Dense, OuterProduct, clip_rank, effective_rank, error_feedback_residual, factored_svd,
-                      random_start, subspace_iteration, truncate)
+from .dad import DAD, LayerStep, Launched
+from .lowrank import (Dense, OuterProduct, clip_rank, effective_rank, factored_svd, random_start,
+                      subspace_iteration, truncate)
 
 FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -106,29 +106,45 @@ class RankDAD(DAD):
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, **self.memory.state_dict()}
+        return {"step": self.step, **self.memory.state_dict(), **self._rest_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        residual = state.pop("rest_residual", None)
         self.step = int(state["step"])
         self.memory.load_state_dict(state, set(self._index))
+        if residual is not None:
+            DAD.load_state_dict(self, {"rest_residual": residual})
 
     # ------------------------------------------------------------------ per layer
-    def _weight_grad(self, layer: LayerStep) -> Optional[torch.Tensor]:
+    def _launch(self, layer: LayerStep) -> Launched:
+        """The local stage (subspace iteration on Δᵀ A, + residual), then the factors' all-gather."""
         c = layer.capture
         k = clip_rank(self.cfg.rank, c.in_features, c.out_features, max(layer.rows))
         if k == 0:
-            return None
+            return Launched(layer, None)
         op = OuterProduct(layer.delta, layer.a)
         target: Optional[torch.Tensor] = None
         if self.cfg.error_feedback:
-            target = op.dense() + self.memory.residual(c.name, c.weight)
+            residual = self.memory.residuals.get(c.name)
+            # Δᵀ A + E in one fused product (no separate dense sum); a fresh tensor, so the stored residual
+            # stays untouched until `_finish` replaces it (a non-finite step keeps the old one)
+            target = (op.dense() if residual is None
+                      else torch.addmm(residual.to(c.weight), layer.delta.T, layer.a))
         # one seed per (layer, step): the same on every rank, a fresh draw every step
         seed = self.step * max(1, len(self._index)) + self._index[c.name]
         start = (self.memory.start(c.name, c.in_features, k, seed, c.weight) if self.cfg.warm_start
                  else random_start(c.in_features, k, seed, c.weight))
         p, q = subspace_iteration(op if target is None else Dense(target), start, self.cfg.power_iters)
+        gather = self._gather(torch.cat([p, q]).to(self.factor_dtype), c.name)
+        return Launched(layer, gather, {"k": k, "q": q, "target": target})
 
-        parts = self.comm.all_gather(torch.cat([p, q]).to(self.factor_dtype), c.name)
+    def _finish(self, launched: Launched) -> Optional[torch.Tensor]:
+        if launched.gather is None:
+            return None
+        c = launched.layer.capture
+        k, q, target = launched.data["k"], launched.data["q"], launched.data["target"]
+        parts = launched.gather.wait()
         ps = [t[:c.out_features].to(c.weight.dtype) for t in parts]
         qs = [t[c.out_features:].to(c.weight.dtype) for t in parts]
         p_sum = torch.cat(ps, dim=1).div_(self.comm.world_size)  # out × S·k: Σ_i P_i Q_iᵀ / S = p_sum q_allᵀ
@@ -149,9 +165,10 @@ class RankDAD(DAD):
             self.memory.starts[c.name] = q
         if target is not None:
             me = self.comm.rank
-            residual = error_feedback_residual(target, ps[me], qs[me])
+            # E ← target − P̂ Q̂ᵀ, in place on this step's own target buffer (error_feedback_residual, fused)
+            residual = target.addmm_(ps[me], qs[me].T, alpha=-1.0)
             if self.cfg.rankdad_mode == "twoway":
-                residual += p_sum @ q_all.T - grad
+                residual.addmm_(p_sum, q_all.T).sub_(grad)
             self.memory.residuals[c.name] = residual
         return grad
 

@@ -1,0 +1,127 @@
+"""Shared helpers of the issue-9 benchmarks (bytes_vs_accuracy, overlap, fpsa_step_time, time_to_accuracy).
+
+- `machine()` / `load()`: what ran the numbers, and how busy the machine was (load average), for the tables;
+- `train_run()`: one `dtrain train` through torchrun (or the netns cluster), its summary.json and metrics rows;
+- `write_section()`: replace or append one "## " section of docs/benchmarks.md, leaving the others alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TORCHRUN = str(VENV_BIN / "torchrun") if (VENV_BIN / "torchrun").exists() else "torchrun"
+NETNS_CLUSTER = ROOT / "launch" / "netns_cluster"
+INTRO = ("# Benchmarks\n\nMeasured figures, each with the command that produced it and the machine it ran on. "
+         "Re-running a benchmark rewrites its own section.\n")
+
+
+def machine() -> str:
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{name}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def load() -> float:
+    """1-minute load average (how many runnable processes competed for the cores)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def load_note(samples: Sequence[float]) -> str:
+    if not samples:
+        return "load not recorded"
+    return (f"1-min load average during the runs: median {statistics.median(samples):.1f}, "
+            f"range {min(samples):.1f}–{max(samples):.1f} on {os.cpu_count()} cores")
+
+
+def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    argv = list(sys.argv if argv is None else argv)
+    script = os.path.relpath(argv[0], ROOT) if os.path.isabs(argv[0]) else argv[0]
+    return " ".join([".venv/bin/python", script] + [shlex.quote(a) for a in argv[1:]])
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_run(config: str, overrides: Iterable[str], run_dir: Path, nproc: int = 2, *, rate: Optional[str] = None,
+              hosts: Optional[int] = None, timeout: Optional[float] = None, reuse: bool = True,
+              env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Train one run; returns {"summary", "metrics", "load", "wall_s", "log"}. With `rate` (e.g. 100mbit) it runs
+    on the netns cluster, one process per host (`hosts` = nproc), each host's link capped at `rate`.
+    `reuse`: a run directory with a summary.json is not run again."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    overrides = [*overrides, f"run.dir={run_dir}", "log.wandb=disabled", "log.progress=false"]
+    if not (reuse and summary_path.exists()):
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir.parent / f"{run_dir.name}.log"
+        if rate is None:
+            cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), "-m", "dtrain", "train",
+                   "--config", config, "--set", *overrides]
+        else:
+            # own namespace prefix, subnet and port: the tool removes leftovers of its prefix first, so sharing the
+            # default prefix with another user's cluster would tear that one down
+            cmd = [str(NETNS_CLUSTER), "--hosts", str(hosts or nproc), "--nproc-per-host", "1",
+                   "--rate", rate, "--prefix", "b9n", "--subnet", "10.79.0", "--port", "29479", *(["--timeout", str(int(timeout))] if timeout else []), "--",
+                   "--config", config, "--set", *overrides]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        load_before = load()
+        t0 = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                  timeout=timeout + 60 if timeout else None)
+        wall = time.perf_counter() - t0
+        if proc.returncode or not summary_path.exists():
+            tail = log_path.read_text().splitlines()[-15:]
+            raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        (run_dir / "bench.json").write_text(json.dumps({"load_before": load_before, "load_after": load(),
+                                                        "wall_s": wall, "command": cmd}))
+    meta = json.loads((run_dir / "bench.json").read_text()) if (run_dir / "bench.json").exists() else {}
+    return {"summary": json.loads(summary_path.read_text()), "metrics": read_metrics(run_dir),
+            "load": [meta.get("load_before", float("nan")), meta.get("load_after", float("nan"))],
+            "wall_s": meta.get("wall_s", float("nan"))}
+
+
+def write_section(path: Path, text: str, intro: str = INTRO) -> None:
+    """Replace the section that `text` starts with (its "## " heading line, up to the next "## " heading) or
+    append it; a missing file starts with `intro`."""
+    heading = text.split("\n", 1)[0]
+    assert heading.startswith("## "), heading
+    doc = path.read_text() if path.exists() else intro
+    start = doc.find(heading + "\n")
+    if start < 0:
+        doc = doc.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        end = doc.find("\n## ", start + len(heading))
+        rest = doc[end + 1:] if end >= 0 else ""
+        doc = doc[:start] + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+    path.write_text(doc)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -1,0 +1,152 @@
+"""FPSA training-step time against vanilla attention, same model, same batch, interleaved in one process.
+
+One training step = forward + loss + backward + AdamW step, for one rank's share of the batch (no
+communication: this isolates the model's cost). The vanilla model and FPSA models with the solver forced to
+run exactly n iterations (`fpsa.tol=1e-30`, `fpsa.max_iter=n`) take turns step by step, in a rotating order,
+so machine load hits all alike; the figure is the median step time over repeats, and the ratio FPSA / vanilla
+is taken per repeat round and then medianed. `--profile` prints torch.profiler's top operators of one FPSA
+step.
+
+    .venv/bin/python bench/fpsa_step_time.py --docs docs/benchmarks.md        # ~2 min on 1 core
+    .venv/bin/python bench/fpsa_step_time.py --tiny                           # seconds (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import ROOT, command_line, load, load_note, machine, write_section  # noqa: E402
+from dtrain.config import load_config  # noqa: E402
+from dtrain.data import build_task  # noqa: E402
+from dtrain.model import build_model  # noqa: E402
+from dtrain.trainer import loss_fn  # noqa: E402
+
+SECTION = "## FPSA step time vs vanilla (issue 9)"
+TARGET = 1.6
+
+
+def make(config: str, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
+    cfg = load_config(ROOT / config, overrides)
+    task = build_task(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, task.spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    return cfg, task, model, opt
+
+
+def step_fn(cfg, task, model, opt, batch) -> float:
+    t0 = time.perf_counter()
+    logits = model(batch.tokens, batch.mask)
+    loss = loss_fn(logits, batch.targets, task.spec.targets_per_example)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--iters", nargs="+", type=int, default=[3, 4, 6], help="forced FPSA iteration counts")
+    ap.add_argument("--backwards", nargs="+", default=["phantom", "implicit", "implicit:fpsa.adj_max_iter=6"],
+                    help="fpsa.backward modes, each optionally with extra fpsa keys: implicit:fpsa.adj_max_iter=6")
+    ap.add_argument("--batch", type=int, default=None, help="examples per step (default: batch_size / 2, one "
+                    "rank's share on 2 ranks)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--docs", type=Path)
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args()
+    if args.tiny:
+        args.config, args.repeats, args.iters, args.backwards = "tests/configs/tiny.yaml", 2, [3], ["phantom"]
+    torch.set_num_threads(args.threads)
+
+    variants: dict[str, tuple] = {"vanilla": make(args.config, [*args.set, "model.attention=vanilla"])}
+    for spec in args.backwards:
+        backward, _, extra = spec.partition(":")
+        extra_sets = [e for e in extra.split(",") if e]
+        tag = f" ({', '.join(e.replace('fpsa.', '') for e in extra_sets)})" if extra_sets else ""
+        for n in args.iters:
+            variants[f"fpsa {backward} n={n}{tag}"] = make(args.config, [
+                *args.set, "model.attention=fpsa", f"fpsa.backward={backward}", f"fpsa.max_iter={n}",
+                "fpsa.tol=1e-30", *extra_sets])
+    cfg0, task0 = variants["vanilla"][0], variants["vanilla"][1]
+    batch_size = args.batch or max(1, cfg0.train.batch_size // 2)
+    batches = [task0.batch("train", i * batch_size, batch_size) for i in range(4)]
+
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    iters: dict[str, list[float]] = {n: [] for n in names}
+    adj_iters: dict[str, list[float]] = {n: [] for n in names}
+    loads = [load()]
+    for r in range(args.repeats + 2):  # two warm-up rounds
+        rot = names[r % len(names):] + names[:r % len(names)]
+        for name in rot:
+            cfg, task, model, opt = variants[name]
+            t = step_fn(cfg, task, model, opt, batches[r % len(batches)])
+            if r >= 2:
+                times[name].append(t)
+                stats = model.fpsa_stats() if hasattr(model, "fpsa_stats") else {}
+                if stats:
+                    iters[name].append(stats["fpsa/iters_mean"])
+                    adj = [v for k, v in stats.items() if k.startswith("fpsa/adj_iters_l")]
+                    if adj:
+                        adj_iters[name].append(sum(adj) / len(adj))
+    loads.append(load())
+
+    med = statistics.median
+    base = times["vanilla"]
+    lines = ["| model | solver iterations (mean per token) | adjoint iterations (implicit) | step time median (ms) "
+             "| FPSA / vanilla (median of per-round ratios) | target ≤ 1.6× |", "|---|---|---|---|---|---|"]
+    for name in names:
+        ratio = med([a / b for a, b in zip(times[name], base)])
+        it = f"{med(iters[name]):.1f}" if iters[name] else "—"
+        ok = "—" if name == "vanilla" else ("met" if ratio <= TARGET else f"not met (+{100 * (ratio / TARGET - 1):.0f}%)")
+        adj = f"{med(adj_iters[name]):.0f}" if adj_iters[name] else "—"
+        lines.append(f"| {name} | {it} | {adj} | {1e3 * med(times[name]):.1f} | {ratio:.2f}× | {ok} |")
+    table = "\n".join(lines)
+    print(table)
+
+    prof_text = ""
+    if args.profile:
+        name = next(n for n in names if n != "vanilla")
+        cfg, task, model, opt = variants[name]
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for b in batches[:2]:
+                step_fn(cfg, task, model, opt, b)
+        prof_text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        print(f"profile of 2 steps of {name}:\n{prof_text}")
+
+    if args.docs:
+        m = cfg0.model
+        text = "\n".join([
+            SECTION, "",
+            f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), {batch_size} "
+            f"examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + backward + AdamW, one "
+            f"process, {args.threads} thread(s); the solver is forced to run exactly n iterations "
+            "(`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
+            f"{args.repeats} rounds after 2 warm-up rounds.",
+            "",
+            f"Machine: {machine()}; {load_note(loads)}.",
+            "",
+            f"Command: `{command_line()}`",
+            "",
+            table, ""])
+        write_section(args.docs, text)
+
+
+if __name__ == "__main__":
+    main()
