@@ -176,7 +176,10 @@ def main() -> None:
             "",
             f"Machine: {machine()}; {load_note(loads)}.",
             "",
-            f"Command: `{command_line()}`",
+            (f"Command: `{command_line()}` tabulates the finished runs; each was trained by "
+             f"`.venv/bin/python bench/bytes_vs_accuracy.py --config {args.config} --out {args.out} --only VARIANT "
+             "--seeds SEED` (its resolved config is `config.yaml` in its run directory)." if args.collect
+             else f"Command: `{command_line()}`"),
             "",
             text, "",
         ]
