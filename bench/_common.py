@@ -85,7 +85,10 @@ def train_run(config: str, overrides: Iterable[str], run_dir: Path, nproc: int =
             cmd = [str(NETNS_CLUSTER), "--hosts", str(hosts or nproc), "--nproc-per-host", "1",
                    "--rate", rate, "--prefix", "b9n", "--subnet", "10.79.0", "--port", "29479", *(["--timeout", str(int(timeout))] if timeout else []), "--",
                    "--config", config, "--set", *overrides]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # one intra-op thread per process, as torchrun sets for several processes per node: with one process per
+        # netns host torchrun leaves torch at all cores, and 2 hosts x 2 threads oversubscribe a 2-core machine
+        # (thin products then run several times slower, which would penalise rank-dAD unfairly)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         load_before = load()
         t0 = time.perf_counter()
         with open(log_path, "w") as log:

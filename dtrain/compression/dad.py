@@ -80,8 +80,9 @@ class AsyncGather:
     """An all_gather started with async_op=True; `wait()` returns the parts (rank order) and charges `Comm`.
 
     Bytes are accounted at `wait()`; seconds are the time spent in the launch call plus the wait (what the step
-    was blocked on). `launched`/`done` are perf_counter stamps (`done`: when the collective completed, from its
-    future), for the overlap benchmark.
+    was blocked on). `launched`/`done` are perf_counter stamps for the overlap benchmark; `done` is the first
+    `poll()` or `wait()` that saw the collective complete. (No `Future.then` callback: a Python callable held by
+    gloo's worker thread can be released there during interpreter shutdown, which aborts the process.)
     """
 
     def __init__(self, comm: Comm, tensor: torch.Tensor, name: str) -> None:
@@ -95,21 +96,22 @@ class AsyncGather:
         if S > 1:
             self.parts = [torch.empty_like(tensor) for _ in range(S)]
             self.work = dist.all_gather(self.parts, tensor, group=comm.group, async_op=True)
-            self.work.get_future().then(self._stamp)
         else:
             self.parts, self.work, self.done = [tensor], None, self.launched
         self.blocked = time.perf_counter() - self.launched
 
-    def _stamp(self, fut: Any) -> None:
-        self.done = time.perf_counter()
+    def poll(self) -> None:
+        if self.done is None and self.work is not None and self.work.is_completed():
+            self.done = time.perf_counter()
 
     def wait(self) -> list[torch.Tensor]:
         if not self._accounted:
             if self.work is not None:
+                self.poll()
                 t0 = time.perf_counter()
                 self.work.wait()
                 self.blocked += time.perf_counter() - t0
-                if self.done is None:  # the future's callback runs on gloo's thread: it may lag the wait
+                if self.done is None:
                     self.done = time.perf_counter()
             S = self.comm.world_size
             self.comm.account(self.name, self.nbytes, (S - 1) * self.nbytes, (S - 1) * self.nbytes, self.blocked)
@@ -289,6 +291,9 @@ class DAD(Strategy):
             if self._round is None:
                 self._round = self._open_round()
             self._in_backward = True
+            for launched in self._round.launched.values():
+                if launched.gather is not None:
+                    launched.gather.poll()
             try:
                 self._advance(ready_only=True)
             finally:
@@ -330,6 +335,9 @@ class DAD(Strategy):
         if self._round is None:  # no Δ arrived on this rank (or no backward): exchange rows now
             self._round = self._open_round()
         rnd, self._round = self._round, None
+        for launched in rnd.launched.values():
+            if launched.gather is not None:
+                launched.gather.poll()
         self._advance_all(rnd)
         late = [c.name for c in self.captures if c.recorded_rows]
         if late:
