@@ -91,6 +91,8 @@ class CommConfig(_Section):
     rank: int = Field(4, ge=1, description="compression rank (powersgd, ddp-powersgd, rankdad)")
     power_iters: int = Field(1, ge=1, description="subspace iterations per step (rankdad)")
     rankdad_mode: Literal["oneway", "twoway"] = "oneway"
+    spectrum_every: int = Field(10, ge=0, description="rankdad: log each layer's singular values and effective "
+                                "rank every this many steps (0: never); an SVD per layer, so not every step")
     error_feedback: bool = True
     warm_start: bool = True
     start_step: int = Field(2, ge=1, description="powersgd: steps of plain all-reduce before compressing")

@@ -179,6 +179,7 @@ def _suite_worker(rank: int, world: int) -> dict:
             F.cross_entropy(fwd(tokens), labels).backward()
             stats = strategy.synchronize()
             res["bytes"].append(stats.bytes_sent)
+            res.setdefault("spectrum_keys", []).append(sum(k.startswith("rankdad/") for k in stats.extra))
             if step == 0:
                 res["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
                 res["extra"] = dict(stats.extra)
@@ -231,6 +232,13 @@ def test_first_step_gradient_equals_the_global_batch_oracle(world, config):
     for rank, res in enumerate(_suite(world)):
         for name, g in oracle.items():
             assert _rel(res[config]["grads"][name], g) < tolerance, (rank, name)
+
+
+@pytest.mark.parametrize("mode", ["oneway", "twoway"])
+def test_rankdad_spectrum_is_logged_every_spectrum_every_steps(mode):
+    """Default comm.spectrum_every=10: steps 0, 10, ... log k σ and the effective rank per layer, others none."""
+    counts = _suite(2)[0][f"rankdad-{mode}-ef"]["spectrum_keys"]
+    assert counts == [len(LAYERS) * (2 + 1) if step % 10 == 0 else 0 for step in range(STEPS)], counts
 
 
 @WORLDS

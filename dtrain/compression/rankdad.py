@@ -20,9 +20,10 @@ exactly what the delivered gradients have missed. The price: one dense out×in f
 rank (memory equal to the weights) and forming M_i densely (N·in·out flops), i.e. the compute dAD saves.
 A step whose delivered gradient is not finite leaves residuals and warm-start factors untouched.
 
-Introspection (CommStats.extra): `rankdad/<layer>/sigma<j>` (j = 1..k) and `rankdad/<layer>/eff_rank`
-(exp of the entropy of the normalised σ, over all of its up to S·k singular values) of the delivered
-gradient, identical on every rank.
+Introspection (CommStats.extra, every cfg.spectrum_every steps from step 0): `rankdad/<layer>/sigma<j>`
+(j = 1..k) and `rankdad/<layer>/eff_rank` (exp of the entropy of the normalised σ, over all of its up to S·k
+singular values) of the delivered gradient, identical on every rank. Periodic because in oneway mode the σ
+cost an SVD per layer that the step itself does not need.
 """
 from __future__ import annotations
 
@@ -153,13 +154,17 @@ class RankDAD(DAD):
             # a non-finite step (the trainer's nan_policy skips it) must not poison the memory for good, nor
             # reach an SVD that raises; the gathered factors are the same on every rank, so all decide alike
             return p_sum @ q_all.T
+        every = self.cfg.spectrum_every
+        log_spectrum = every > 0 and self.step % every == 0
         if self.cfg.rankdad_mode == "oneway":
             grad = p_sum @ q_all.T
-            sigma = factored_svd(p_sum, q_all)[1]
+            if log_spectrum:
+                self._log_spectrum(c.name, factored_svd(p_sum, q_all)[1], k)
         else:
             p_k, q_k, sigma = truncate(p_sum, q_all, k)
             grad = p_k @ q_k.T
-        self._log_spectrum(c.name, sigma, k)
+            if log_spectrum:
+                self._log_spectrum(c.name, sigma, k)
 
         if self.cfg.warm_start:
             self.memory.starts[c.name] = q
