@@ -268,9 +268,10 @@ class DAD(Strategy):
         if self._overlapping():
             self._synchronize_overlapped()
         else:
-            for layer in self._plan(self._collect()):
-                grad = self._weight_grad(layer)
-                self._set_weight_grad(layer, grad)
+            # every layer's collective is queued before the first wait, so the link never idles while a rank
+            # combines one layer or compresses the next, and a slow peer's lag is waited out once, not per layer
+            for launched in [self._launch(layer) for layer in self._plan(self._collect())]:
+                self._set_weight_grad(launched.layer, self._finish(launched))
         self.rest_mean(self.comm)
         return self.comm.reset()
 
@@ -390,10 +391,6 @@ class DAD(Strategy):
         """Hook for `auto`: the layers this strategy synchronises through captured data."""
         return layers
 
-    def _weight_grad(self, layer: LayerStep) -> Optional[torch.Tensor]:
-        """Σ_i Δ_iᵀ A_i / S from the gathered pairs; None when no rank recorded a row."""
-        return self._finish(self._launch(layer))
-
     def _gather(self, tensor: torch.Tensor, name: str) -> AsyncGather:
         return AsyncGather(self.comm, tensor, name)
 
@@ -408,6 +405,7 @@ class DAD(Strategy):
         return Launched(layer, self._gather(packed, layer.capture.name))
 
     def _finish(self, launched: Launched) -> Optional[torch.Tensor]:
+        """Σ_i Δ_iᵀ A_i / S from the gathered pairs; None when no rank recorded a row."""
         layer = launched.layer
         if launched.gather is None:
             return None
