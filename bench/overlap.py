@@ -120,7 +120,9 @@ def summarise(result: dict[str, Any], warmup: int) -> tuple[str, str]:
         if layers:
             timeline.append(f"\n`{strategy}`, overlap on: per layer, in launch order, median over steps; times in ms "
                             "relative to the end of `loss.backward()` (negative = during backward; backward started at "
-                            f"{med([x['backward_start_ms'] for x in s]):.1f} ms)\n")
+                            f"{med([x['backward_start_ms'] for x in s]):.1f} ms). \"completed\" is the first check "
+                            "that saw the collective done (at a later layer's launch, or in synchronize): an upper "
+                            "bound\n")
             timeline.append("| layer | launched | completed | bytes sent |")
             timeline.append("|---|---|---|---|")
             for i, layer in enumerate(layers):
