@@ -151,7 +151,7 @@ class FixedPointAttention(nn.Module):
             if y.requires_grad:
                 x_const, v_const = x.detach(), v.detach()
                 attach_adjoint(y, lambda z: self.step(frozen, z, x_const, v_const, bias), z_star,
-                               cfg.adj_max_iter, cfg.adj_tol, self.last_adjoint)
+                               cfg.adj_max_iter, cfg.adj_tol, self.last_adjoint, damping=cfg.damping)
         else:
             y = z_star
             for _ in range(cfg.phantom_steps):

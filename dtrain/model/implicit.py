@@ -6,6 +6,14 @@ from a constant z*; `attach_adjoint` turns the gradient g arriving at fz into λ
 through that step into x and θ. Nothing from the forward iterations is kept, so memory does not depend on how
 many iterations the solve ran.
 
+Damping. The forward iterates the damped map f(z) = (1 - α) z + α (x + U(z)), so J = (1 - α) I + α K with K = ∂U/∂z,
+and λ = Jᵀλ + g is the same equation as λ = Kᵀλ + g/α. Iterated as written, the damped form contracts at no
+better than 1 - α per step (0.5 at the default α) even where K itself is small; the undamped form contracts at
+the rate of K. So every example starts on the undamped form, λ ← λ + (Jᵀλ + g - λ)/α, and falls back to the
+damped one, λ ← Jᵀλ + g, restarted from g, as soon as its change stops shrinking (K not contractive enough, as
+when a large negative eigenvalue is tamed only by the damping). Both solve the same equation: only the count
+of iterations differs.
+
 The Jᵀλ products come from a second graph, `frozen_step(z)`, built inside the hook from a fresh leaf z and
 parameters detached from the model. Re-entering fz's own graph would recurse into this hook, and back-propagating
 through the model's projection modules would show a gradient-capturing strategy (dAD) extra passes that are
@@ -28,16 +36,19 @@ MAX_GAIN = 100.0
 @dataclass
 class AdjointRecord:
     """The last adjoint solve: iterations run, the worst final relative change of λ over examples (nan before any
-    backward), and how many examples were stopped because λ grew past MAX_GAIN times their g."""
+    backward), how many examples were stopped because λ grew past MAX_GAIN times their g, and how many fell
+    back to the damped iteration."""
 
     iters: int = 0
     residual: float = math.nan
     diverged: int = 0
+    damped: int = 0  # examples that fell back from the undamped to the damped iteration
 
 
 def attach_adjoint(fz: torch.Tensor, frozen_step: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor,
-                   max_iter: int, tol: float, record: AdjointRecord) -> None:
-    """Per example: iterate λ until its relative change is below `tol`, then freeze it.
+                   max_iter: int, tol: float, record: AdjointRecord, damping: float = 1.0) -> None:
+    """Per example: iterate λ until its relative change is below `tol`, then freeze it. `damping` is the α of
+    `frozen_step` (1.0: undamped, and then there is no fallback to make).
 
     Examples never interact in Jᵀλ (attention stays inside a sequence), so deciding per example makes every
     example's gradient independent of which other examples share its batch: a global batch split over ranks
@@ -58,22 +69,36 @@ def attach_adjoint(fz: torch.Tensor, frozen_step: Callable[[torch.Tensor], torch
         res = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
         active = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
         diverged = torch.zeros_like(active)
+        # per example: on the undamped form (over-relaxation by 1/α) until its change stops shrinking
+        undamped = torch.full_like(active, damping < 1.0)
+        fell_back = torch.zeros_like(active)
+        change = torch.full(res.shape, math.inf, dtype=g.dtype, device=g.device)
         iteration = 0
         for iteration in range(1, max_iter + 1):
             (jt_lam,) = torch.autograd.grad(fz_frozen, z, lam, retain_graph=True)
-            lam_next = jt_lam + g
+            damped_next = jt_lam + g
+            relax = torch.where(undamped, 1.0 / damping, 1.0).to(g.dtype).view(shape)
+            lam_next = lam + relax * (damped_next - lam)
             next_norm = lam_next.norm(dim=per_example)
-            blown = active & ~(next_norm <= bound)  # also catches NaN/Inf
-            step = active & ~blown
-            res = torch.where(step, (lam_next - lam).norm(dim=per_example) / next_norm.clamp_min(tiny), res)
+            step_change = (lam_next - lam).norm(dim=per_example)
+            # an undamped example whose change grew, or that blew up, restarts from g on the damped form
+            drop = active & undamped & (~(next_norm <= bound) | ~(step_change < change))
+            undamped &= ~drop
+            fell_back |= drop
+            lam = torch.where(drop.view(shape), g, lam)
+            change = torch.where(drop, math.inf, step_change)
+            blown = active & ~drop & ~(next_norm <= bound)  # also catches NaN/Inf
+            step = active & ~drop & ~blown
+            res = torch.where(step, step_change / next_norm.clamp_min(tiny), res)
             lam = torch.where(step.view(shape), lam_next, lam)
             diverged |= blown
-            active &= ~blown & ~(res < tol)
+            active &= ~blown & ~(step & (res < tol))
             if not bool(active.any()):
                 break
         record.iters = iteration
         record.residual = float(res.max()) if res.numel() else 0.0
         record.diverged = int(diverged.sum())
+        record.damped = int(fell_back.sum())
         return lam
 
     fz.register_hook(solve_adjoint)

@@ -106,6 +106,7 @@ class SelfTransformer(nn.Module):
                 stats[f"fpsa/adj_iters_l{i}"] = float(layer.last_adjoint.iters)
                 stats[f"fpsa/adj_residual_l{i}"] = layer.last_adjoint.residual
                 stats[f"fpsa/adj_diverged_l{i}"] = float(layer.last_adjoint.diverged)
+                stats[f"fpsa/adj_damped_l{i}"] = float(layer.last_adjoint.damped)
         stats["fpsa/iters_mean"] = sum(stats[f"fpsa/iters_l{i}"] for i in range(len(layers))) / len(layers)
         stats["fpsa/converged_frac"] = sum(s.converged_frac() for s in solves) / len(solves)
         return stats
