@@ -20,8 +20,12 @@ Bytes per step (payload sent by one rank, fp32): 8·2L (counts) + Σ_layers max_
 `comm.rest_dtype` bf16/fp16 the rest costs 2·Σ_rest numel instead (`LowPrecisionRest`: one all-gather, error
 feedback; lossy, so `dad` is then no longer exact).
 
-The captured pairs of several backward passes accumulate until `synchronize()`, so gradient accumulation
-(no_sync) stays exact with the default no-op `no_sync`.
+Gradient accumulation: backward passes inside `no_sync()` only record pairs, which pile up until the next
+synchronising backward (exact). With overlap on, a second backward outside `no_sync()` before `synchronize()`
+is refused with an error (its pairs would arrive after their layer's collective had started).
+
+Without overlap, `synchronize()` queues every layer's collective before it waits for the first, so the link
+does not idle while a rank combines one layer or compresses the next.
 
 Overlap (`comm.overlap`, default on): each layer's collective starts in backward, from the capture's
 `on_delta` callback, as soon as its last Δ has arrived, and runs (gloo/NCCL `async_op`) while the rest of
