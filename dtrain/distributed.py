@@ -127,7 +127,11 @@ class Heartbeat:
         self.step = step
 
     def close(self) -> None:
+        """Stop beating and wait for the thread: a daemon thread still inside a store call when the interpreter
+        shuts down is killed mid-C++ frame, which aborts the process at exit."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self._timeout.total_seconds() + self.interval_s)
 
     def diagnose(self, step: int) -> str:
         """One sentence on which ranks stopped beating (never raises)."""
