@@ -193,11 +193,14 @@ def run_hosts(commands: list[list[str]], logs: list[Path], timeout_s: float, gra
     """Start every host; when one fails, give the others `grace_s` to fail too, then stop them."""
     procs = []
     for cmd, log in zip(commands, logs):
+        if _stop_signal is not None:  # Ctrl-C/SIGTERM during set-up: start nothing
+            break
         with open(log, "w") as f:
             procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout_s
     try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        while (_stop_signal is None and any(p.poll() is None for p in procs)
+               and time.monotonic() < deadline):
             if any(p.returncode not in (None, 0) for p in procs):
                 deadline = min(deadline, time.monotonic() + grace_s)
             time.sleep(0.2)
@@ -216,8 +219,25 @@ def run_hosts(commands: list[list[str]], logs: list[Path], timeout_s: float, gra
     return [p.returncode for p in procs]
 
 
-def _raise_on_sigterm(signum, frame):
-    raise KeyboardInterrupt
+# Set by _request_stop (SIGINT or SIGTERM); run_hosts() stops the job when it sees it, main() then exits 130.
+_stop_signal: Optional[int] = None
+
+
+def _request_stop(signum, frame):
+    """Handler for SIGINT and SIGTERM, installed explicitly for both, and it only records the request.
+
+    Explicitly for SIGINT too: Python turns SIGINT into KeyboardInterrupt only if SIGINT was not ignored when
+    the interpreter started, and a command started as a background job of a non-interactive shell (`cmd &`
+    in a script, a CI runner, `make test-all &`) inherits SIGINT ignored, as does everything it starts (pytest,
+    then this tool). Ctrl-C was then silently ignored: the job kept training and the Ctrl-C test hit its
+    120 s timeout, leaving the namespaces and the job behind (the intermittent "hang").
+    Only a flag, no exception: a KeyboardInterrupt raised at an arbitrary bytecode can land inside
+    Popen.poll() between its _waitpid_lock.acquire() and the try that releases it; the lock then stays
+    held, poll() reports "running" for ever and the final p.wait() blocks for ever. A flag also means a
+    second Ctrl-C cannot cut the teardown short.
+    """
+    global _stop_signal
+    _stop_signal = signum
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -252,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"netns_cluster: error: {err}", file=sys.stderr)
         return 2
 
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _request_stop)
     cluster = Cluster(args.prefix, args.hosts, args.subnet, args.rate, args.burst)
     log_dir = run_dir.with_name(run_dir.name + ".netns-logs")
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -268,6 +289,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         commands = [host_command(cluster, i, args.nproc_per_host, args.port, job_id, dtrain_args)
                     for i in range(args.hosts)]
         codes = run_hosts(commands, logs, args.timeout, grace_s=30)
+        if _stop_signal is not None:
+            raise KeyboardInterrupt
         wall = time.monotonic() - t0
         after = cluster.counters()
     except KeyboardInterrupt:
