@@ -122,6 +122,14 @@ def write_section(path: Path, text: str, intro: str = INTRO) -> None:
     path.write_text(doc)
 
 
+def write_result(path: Path, section: str, setup: str, loads: list[float], *body: str,
+                 command: Optional[str] = None) -> None:
+    """A benchmark's section: heading, what ran, the machine and its load, the command, then the tables."""
+    write_section(path, "\n".join([
+        section, "", setup, "", f"Machine: {machine()}; {load_note(loads)}.", "",
+        command or f"Command: `{command_line()}`", "", *body, ""]))
+
+
 def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":

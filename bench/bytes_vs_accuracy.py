@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ROOT, command_line, fmt_bytes, load_note, machine, train_run, write_section  # noqa: E402
+from _common import ROOT, command_line, fmt_bytes, train_run, write_result  # noqa: E402
 
 SECTION = "## Bytes per step vs final accuracy (issue 9, {name})"
 
@@ -166,24 +166,17 @@ def main() -> None:
         loads = [x for r in rows for x in r["load"]]
         steps = [o for o in args.set if o.startswith("train.steps")]
         seeds = sorted({r["seed"] for r in rows})
-        body = [
-            SECTION.format(name=Path(args.config).stem), "",
+        setup = (
             f"Model: `{args.config}` (SELF-Transformer, fixed-point attention, {split['params']:,} parameters, of which "
             f"{split['linear_weights']:,} in Linear weights and {split['rest']:,} in embeddings, LayerNorms and "
             f"biases); {args.nproc} processes (gloo, torchrun), the same seeds (of {seeds}) and steps"
             f"{' (' + ', '.join(steps) + ')' if steps else ''} for every variant. fp32 all-reduce payload: "
-            f"{fmt_bytes(rows[0]['allreduce_bytes'])}/step. Bytes and accuracy do not depend on machine load.",
-            "",
-            f"Machine: {machine()}; {load_note(loads)}.",
-            "",
-            (f"Command: `{command_line()}` tabulates the finished runs; each was trained by "
-             f"`.venv/bin/python bench/bytes_vs_accuracy.py --config {args.config} --out {args.out} --only VARIANT "
-             "--seeds SEED` (its resolved config is `config.yaml` in its run directory)." if args.collect
-             else f"Command: `{command_line()}`"),
-            "",
-            text, "",
-        ]
-        write_section(args.docs, "\n".join(body))
+            f"{fmt_bytes(rows[0]['allreduce_bytes'])}/step. Bytes and accuracy do not depend on machine load.")
+        command = (f"Command: `{command_line()}` tabulates the finished runs; each was trained by "
+                   f"`.venv/bin/python bench/bytes_vs_accuracy.py --config {args.config} --out {args.out} --only "
+                   "VARIANT --seeds SEED` (its resolved config is `config.yaml` in its run directory)."
+                   if args.collect else None)
+        write_result(args.docs, SECTION.format(name=Path(args.config).stem), setup, loads, text, command=command)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ROOT, command_line, load, load_note, machine, write_section  # noqa: E402
+from _common import ROOT, load, write_result  # noqa: E402
 from dtrain.config import load_config  # noqa: E402
 from dtrain.data import build_task  # noqa: E402
 from dtrain.model import build_model  # noqa: E402
@@ -132,20 +132,12 @@ def main() -> None:
 
     if args.docs:
         m = cfg0.model
-        text = "\n".join([
-            SECTION, "",
-            f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), {batch_size} "
-            f"examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + backward + AdamW, one "
-            f"process, {args.threads} thread(s); the solver is forced to run exactly n iterations "
-            "(`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
-            f"{args.repeats} rounds after 2 warm-up rounds.",
-            "",
-            f"Machine: {machine()}; {load_note(loads)}.",
-            "",
-            f"Command: `{command_line()}`",
-            "",
-            table, ""])
-        write_section(args.docs, text)
+        write_result(args.docs, SECTION,
+                     f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), {batch_size} "
+                     f"examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + backward + AdamW, "
+                     f"one process, {args.threads} thread(s); the solver is forced to run exactly n iterations "
+                     "(`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
+                     f"{args.repeats} rounds after 2 warm-up rounds.", loads, table)
 
 
 if __name__ == "__main__":

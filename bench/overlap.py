@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ROOT, TORCHRUN, command_line, load, load_note, machine, write_section  # noqa: E402
+from _common import ROOT, TORCHRUN, load, write_result  # noqa: E402
 
 SECTION = "## Overlap of layer collectives with backward (issue 9)"
 VARIANTS = (("overlap", True), ("after backward", False))
@@ -170,18 +170,11 @@ def main() -> None:
     print(table)
     print(timeline)
     if args.docs:
-        text = "\n".join([
-            SECTION, "",
-            f"Model `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, {result['world']} processes "
-            f"(gloo over 127.0.0.1, no shaping), rankdad rank {args.rank}; {args.steps} steps per mode, the two modes "
-            f"interleaved in the same processes (ABBA), medians over steps after {args.warmup} warm-up steps.",
-            "",
-            f"Machine: {machine()}; {load_note(loads)}.",
-            "",
-            f"Command: `{command_line()}`",
-            "",
-            table, timeline, ""])
-        write_section(args.docs, text)
+        write_result(args.docs, SECTION,
+                     f"Model `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, {result['world']} "
+                     f"processes (gloo over 127.0.0.1, no shaping), rankdad rank {args.rank}; {args.steps} steps per "
+                     f"mode, the two modes interleaved in the same processes (ABBA), medians over steps after "
+                     f"{args.warmup} warm-up steps.", loads, table, timeline)
 
 
 if __name__ == "__main__":

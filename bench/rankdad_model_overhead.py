@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import ROOT, command_line, load, load_note, machine, write_section  # noqa: E402
+from _common import ROOT, load, write_result  # noqa: E402
 from dtrain.compression import build_strategy  # noqa: E402
 from dtrain.config import load_config  # noqa: E402
 from dtrain.data import build_task  # noqa: E402
@@ -130,21 +130,13 @@ def main() -> None:
     print(table)
     if args.docs:
         m = cfg.model
-        text = "\n".join([
-            SECTION, "",
-            f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {cfg.fpsa.backward} FPSA backward), "
-            f"{batch_size} examples × {cfg.data.seq_len} tokens = {batch_size * cfg.data.seq_len} rows per layer, one "
-            f"process, {args.threads} thread(s), world size 1 (no communication); {args.repeats} rounds after 2 "
-            "warm-up rounds, all variants interleaved in rotating order; medians. "
-            + ("No GPU in this run: the BERT-base-sized GPU cases were not measured."
-               if not torch.cuda.is_available() else ""),
-            "",
-            f"Machine: {machine()}; {load_note(loads)}.",
-            "",
-            f"Command: `{command_line()}`",
-            "",
-            table, ""])
-        write_section(args.docs, text)
+        write_result(args.docs, SECTION,
+                     f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {cfg.fpsa.backward} FPSA "
+                     f"backward), {batch_size} examples × {cfg.data.seq_len} tokens = {batch_size * cfg.data.seq_len} "
+                     f"rows per layer, one process, {args.threads} thread(s), world size 1 (no communication); "
+                     f"{args.repeats} rounds after 2 warm-up rounds, all variants interleaved in rotating order; "
+                     "medians. " + ("No GPU in this run: the BERT-base-sized GPU cases were not measured."
+                                    if not torch.cuda.is_available() else ""), loads, table)
 
 
 if __name__ == "__main__":
