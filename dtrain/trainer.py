@@ -249,7 +249,8 @@ class Trainer:
         tracker.finish(summary)
         self.rundir.close()
         ratio = summary["compression_ratio"]
-        versus = f"{ratio:.1f}x fewer bytes than" if ratio >= 1 else f"{1 / ratio:.1f}x MORE bytes than"
+        versus = ("as many bytes as" if round(ratio, 1) == 1.0 else
+                  f"{ratio:.1f}x fewer bytes than" if ratio > 1 else f"{1 / ratio:.1f}x MORE bytes than")
         self.say(f"done: {cfg.train.steps} steps | val acc {summary['final/val_acc']:.4f} | "
                  f"{human_bytes(summary['comm/bytes_per_step'])}/step sent ({versus} fp32 all-reduce) | "
                  f"{summary['wall_s']:.1f} s | {self.path}")

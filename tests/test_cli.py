@@ -98,3 +98,12 @@ def test_zero3_with_custom_strategy_is_rejected_with_reason():
 ])
 def test_launcher_local_rank_flags_are_accepted(argv, rest, rank):
     assert _pop_local_rank(argv) == (rest, rank)
+
+
+def test_plain_process_run_ends_with_one_summary_line(tmp_path: Path):
+    """World size 1, all-reduce: the last line says what was sent against fp32 all-reduce without a 1.0x ratio."""
+    proc = dtrain("train", "--config", str(ROOT / "tests" / "configs" / "tiny.yaml"), "--set",
+                  f"run.dir={tmp_path / 'run'}", "log.wandb=disabled", "train.steps=2")
+    assert proc.returncode == 0, proc.stderr
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("dtrain: done: 2 steps") and "(as many bytes as fp32 all-reduce)" in last, last
