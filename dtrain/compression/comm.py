@@ -61,31 +61,56 @@ class Comm:
 
     def all_gather(self, tensor: torch.Tensor, name: str) -> list[torch.Tensor]:
         """Same-shaped tensors from every rank, in rank order."""
-        tensor = tensor.contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        S = self.world_size
-        t0 = time.perf_counter()
-        if S > 1:
-            out = [torch.empty_like(tensor) for _ in range(S)]
-            dist.all_gather(out, tensor, group=self.group)
-        else:
-            out = [tensor]
-        self.account(name, nbytes, (S - 1) * nbytes, (S - 1) * nbytes, time.perf_counter() - t0)
-        return out
+        return self.all_gather_async(tensor, name).wait()
 
-    def all_gather_rows(self, tensor: torch.Tensor, rows: list[int], name: str) -> list[torch.Tensor]:
-        """Gather 2-D tensors whose row counts differ by rank (`rows` from `exchange_counts`).
-
-        Pads to the largest count: the padding is sent, so it is counted.
-        """
-        n_max = max(rows)
-        if tensor.shape[0] < n_max:
-            pad = tensor.new_zeros((n_max - tensor.shape[0],) + tuple(tensor.shape[1:]))
-            tensor = torch.cat([tensor, pad])
-        parts = self.all_gather(tensor, name)
-        return [p[:n] for p, n in zip(parts, rows)]
+    def all_gather_async(self, tensor: torch.Tensor, name: str) -> AsyncGather:
+        """`all_gather` started now; its `wait()` returns the parts and charges the bytes."""
+        return AsyncGather(self, tensor, name)
 
     def exchange_counts(self, counts: list[int], name: str = "meta/counts") -> list[list[int]]:
         """All-gather a short list of ints (e.g. rows per layer): result[r] is rank r's list."""
         t = torch.tensor(counts, dtype=torch.int64, device=self.device)
         return [p.tolist() for p in self.all_gather(t, name)]
+
+
+class AsyncGather:
+    """An all_gather started with async_op=True; `wait()` returns the parts (rank order) and charges `Comm`.
+
+    Bytes are accounted at `wait()`; seconds are the time spent in the launch call plus the wait (what the step
+    was blocked on). `launched`/`done` are perf_counter stamps for the overlap benchmark; `done` is the first
+    `poll()` or `wait()` that saw the collective complete. (No `Future.then` callback: a Python callable held by
+    gloo's worker thread can be released there during interpreter shutdown, which aborts the process.)
+    """
+
+    def __init__(self, comm: Comm, tensor: torch.Tensor, name: str) -> None:
+        self.comm, self.name = comm, name
+        tensor = tensor.contiguous()
+        self.nbytes = tensor.numel() * tensor.element_size()
+        S = comm.world_size
+        self.launched = time.perf_counter()
+        self.done: Optional[float] = None
+        self._accounted = False
+        if S > 1:
+            self.parts = [torch.empty_like(tensor) for _ in range(S)]
+            self.work = dist.all_gather(self.parts, tensor, group=comm.group, async_op=True)
+        else:
+            self.parts, self.work, self.done = [tensor], None, self.launched
+        self.blocked = time.perf_counter() - self.launched
+
+    def poll(self) -> None:
+        if self.done is None and self.work is not None and self.work.is_completed():
+            self.done = time.perf_counter()
+
+    def wait(self) -> list[torch.Tensor]:
+        if not self._accounted:
+            if self.work is not None:
+                self.poll()
+                t0 = time.perf_counter()
+                self.work.wait()
+                self.blocked += time.perf_counter() - t0
+                if self.done is None:
+                    self.done = time.perf_counter()
+            S = self.comm.world_size
+            self.comm.account(self.name, self.nbytes, (S - 1) * self.nbytes, (S - 1) * self.nbytes, self.blocked)
+            self._accounted = True
+        return self.parts

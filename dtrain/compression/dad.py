@@ -62,7 +62,7 @@ from torch import nn
 from .base import CommStats, Strategy
 from .buckets import BucketedMean, grad_or_zeros
 from .capture import LinearCapture, attach_linears
-from .comm import Comm
+from .comm import AsyncGather, Comm
 
 
 @dataclass
@@ -78,49 +78,6 @@ class LayerStep:
 
 _POSITION_BITS = 20  # overlap: rows and launch position share one int64 of the rows exchange
 _REST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class AsyncGather:
-    """An all_gather started with async_op=True; `wait()` returns the parts (rank order) and charges `Comm`.
-
-    Bytes are accounted at `wait()`; seconds are the time spent in the launch call plus the wait (what the step
-    was blocked on). `launched`/`done` are perf_counter stamps for the overlap benchmark; `done` is the first
-    `poll()` or `wait()` that saw the collective complete. (No `Future.then` callback: a Python callable held by
-    gloo's worker thread can be released there during interpreter shutdown, which aborts the process.)
-    """
-
-    def __init__(self, comm: Comm, tensor: torch.Tensor, name: str) -> None:
-        self.comm, self.name = comm, name
-        tensor = tensor.contiguous()
-        self.nbytes = tensor.numel() * tensor.element_size()
-        S = comm.world_size
-        self.launched = time.perf_counter()
-        self.done: Optional[float] = None
-        self._accounted = False
-        if S > 1:
-            self.parts = [torch.empty_like(tensor) for _ in range(S)]
-            self.work = dist.all_gather(self.parts, tensor, group=comm.group, async_op=True)
-        else:
-            self.parts, self.work, self.done = [tensor], None, self.launched
-        self.blocked = time.perf_counter() - self.launched
-
-    def poll(self) -> None:
-        if self.done is None and self.work is not None and self.work.is_completed():
-            self.done = time.perf_counter()
-
-    def wait(self) -> list[torch.Tensor]:
-        if not self._accounted:
-            if self.work is not None:
-                self.poll()
-                t0 = time.perf_counter()
-                self.work.wait()
-                self.blocked += time.perf_counter() - t0
-                if self.done is None:
-                    self.done = time.perf_counter()
-            S = self.comm.world_size
-            self.comm.account(self.name, self.nbytes, (S - 1) * self.nbytes, (S - 1) * self.nbytes, self.blocked)
-            self._accounted = True
-        return self.parts
 
 
 @dataclass
@@ -142,6 +99,9 @@ class _Round:
     early: bool  # False when the ranks' orders differ: nothing is launched before synchronize()
     next: int = 0
     launched: dict[int, Launched] = field(default_factory=dict)
+
+    def gathers(self) -> list[AsyncGather]:
+        return [item.gather for item in self.launched.values() if item.gather is not None]
 
 
 class LowPrecisionRest:
@@ -177,7 +137,7 @@ class LowPrecisionRest:
         sent = flat.to(self.dtype)
         if self.error_feedback and bool(torch.isfinite(flat).all()):
             self.residual = flat - sent.to(torch.float32)
-        parts = AsyncGather(comm, sent, f"{self.prefix}/{str(self.dtype).split('.')[-1]}").wait()
+        parts = comm.all_gather(sent, f"{self.prefix}/{str(self.dtype).split('.')[-1]}")
         total = parts[0].to(torch.float32)
         for part in parts[1:]:
             total += part.to(torch.float32)
@@ -296,9 +256,8 @@ class DAD(Strategy):
             if self._round is None:
                 self._round = self._open_round()
             self._in_backward = True
-            for launched in self._round.launched.values():
-                if launched.gather is not None:
-                    launched.gather.poll()
+            for gather in self._round.gathers():
+                gather.poll()
             try:
                 self._advance(ready_only=True)
             finally:
@@ -340,15 +299,13 @@ class DAD(Strategy):
         if self._round is None:  # no Δ arrived on this rank (or no backward): exchange rows now
             self._round = self._open_round()
         rnd, self._round = self._round, None
-        for launched in rnd.launched.values():
-            if launched.gather is not None:
-                launched.gather.poll()
+        for gather in rnd.gathers():
+            gather.poll()
         self._advance_all(rnd)
         late = [c.name for c in self.captures if c.recorded_rows]
         if late:
-            for launched in rnd.launched.values():  # leave no collective in flight behind the error
-                if launched.gather is not None:
-                    launched.gather.wait()
+            for gather in rnd.gathers():  # leave no collective in flight behind the error
+                gather.wait()
             for capture in self.captures:
                 capture.take()
             raise RuntimeError(f"{self.name}: {', '.join(late)} recorded pairs after their collective had started "
@@ -396,7 +353,7 @@ class DAD(Strategy):
         return layers
 
     def _gather(self, tensor: torch.Tensor, name: str) -> AsyncGather:
-        return AsyncGather(self.comm, tensor, name)
+        return self.comm.all_gather_async(tensor, name)
 
     def _launch(self, layer: LayerStep) -> Launched:
         """Start the layer's collective: its (A, Δ) rows packed side by side, padded to the most rows."""

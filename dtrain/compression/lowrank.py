@@ -113,8 +113,3 @@ def effective_rank(sigma: torch.Tensor) -> float:
         return 0.0
     p = sigma[sigma > 0] / total
     return float(torch.exp(-(p * p.log()).sum()))
-
-
-def error_feedback_residual(target: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """What the factors miss: target − P Qᵀ (dense out×in)."""
-    return target - p @ q.T

@@ -170,7 +170,7 @@ class RankDAD(DAD):
             self.memory.starts[c.name] = q
         if target is not None:
             me = self.comm.rank
-            # E ← target − P̂ Q̂ᵀ, in place on this step's own target buffer (error_feedback_residual, fused)
+            # E ← target − P̂ Q̂ᵀ, in place on this step's own target buffer
             residual = target.addmm_(ps[me], qs[me].T, alpha=-1.0)
             if self.cfg.rankdad_mode == "twoway":
                 residual.addmm_(p_sum, q_all.T).sub_(grad)
