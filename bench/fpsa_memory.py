@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -26,7 +25,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import machine, write_section  # noqa: E402
 from dtrain.config import Config  # noqa: E402
 from dtrain.data import build_task  # noqa: E402
 from dtrain.model import build_model  # noqa: E402
@@ -90,17 +91,6 @@ def measure(backward: str, max_iter: int) -> dict[str, float]:
             "rss_peak_mib": peak / MIB, "loop_iters": min(loops)}
 
 
-def machine() -> str:
-    model_name = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    return f"{model_name}, {os.cpu_count()} cores, torch {torch.__version__}, 1 intra-op thread"
-
-
 def table(results: list[tuple[str, int, dict[str, float]]]) -> str:
     by = {(b, n): r for b, n, r in results}
     lines = ["| backward | max_iter | iterations run | saved for backward (MiB) | step peak RSS increase (MiB) "
@@ -128,28 +118,9 @@ def section(results: list[tuple[str, int, dict[str, float]]]) -> str:
             "warm-up step, so one-time set-up costs are excluded; glibc's `MALLOC_MMAP_THRESHOLD_=65536` so "
             "freed tensors leave the resident set), and the absolute peak (it includes the "
             "interpreter and torch).\n\n"
-            f"Machine: {machine()}.\n\n"
+            f"Machine: {machine()}, 1 intra-op thread.\n\n"
             "Command: `.venv/bin/python bench/fpsa_memory.py --docs docs/benchmarks.md`\n\n"
             + table(results))
-
-
-BENCHMARKS_INTRO = ("# Benchmarks\n\nMeasured figures, each with the command that produced it and the machine it ran "
-                    "on. Re-running a benchmark rewrites its own section.\n")
-
-
-def write_section(path: Path, text: str, intro: str = BENCHMARKS_INTRO) -> None:
-    """Replace the section that `text` starts with (its "## " heading line, up to the next "## " heading) or
-    append it; a missing file starts with `intro`."""
-    heading = text.split("\n", 1)[0]
-    doc = path.read_text() if path.exists() else intro
-    start = doc.find(heading + "\n")
-    if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    else:
-        end = doc.find("\n## ", start + len(heading))
-        rest = doc[end + 1:] if end >= 0 else ""
-        doc = doc[:start] + text + ("\n" + rest if rest else "")
-    path.write_text(doc)
 
 
 def main() -> None:

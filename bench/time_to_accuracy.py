@@ -25,8 +25,10 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
 
 from _common import command_line, fmt_bytes, load_note, machine, train_run, write_section  # noqa: E402
+from netns_cluster import rate_bits  # noqa: E402  (the link cap the cluster applies, parsed the same way)
 
 SECTION = "## Time to accuracy over a shaped link, and communication efficiency (issue 9)"
 TTA_VARIANTS: dict[str, list[str]] = {
@@ -49,14 +51,6 @@ EFF_VARIANTS: dict[str, list[str]] = {
                                             "comm.rest_dtype=bf16", "comm.overlap=true"],
 }
 TINY = {"config": "tests/configs/tiny.yaml", "set": ["train.steps=4", "eval.every=2"], "target": 0.0}
-
-
-def rate_bits(rate: str) -> float:
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
-    for unit, mult in units.items():
-        if rate.lower().endswith(unit):
-            return float(rate[: -len(unit)]) * mult
-    raise ValueError(f"--rate {rate!r}: expected e.g. 100mbit")
 
 
 def slug(label: str) -> str:
