@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STRATEGIES = ("allreduce", "ddp", "ddp-powersgd", "powersgd", "dad", "rankdad", "auto")
-EXACT_STRATEGIES = ("allreduce", "ddp", "dad")
-TASKS = ("parity", "s5", "a5", "listops")
+from .compression.registry import EXACT_STRATEGIES, STRATEGIES, STRATEGY_NAMES, strategy_options
+
+#: `data.task` values (generated from a seed, no downloads); dtrain.data builds each
+TASK_NAMES = ("parity", "s5", "a5", "listops")
+
+__all__ = ["Config", "ConfigError", "EXACT_STRATEGIES", "STRATEGY_NAMES", "STRATEGIES", "TASK_NAMES", "check_world_size",
+           "config_from_dict", "dump_config", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -60,7 +64,7 @@ class FPSAConfig(_Section):
 
 
 class DataConfig(_Section):
-    task: Literal["parity", "s5", "a5", "listops"] = "parity"
+    task: Literal[TASK_NAMES] = "parity"  # type: ignore[valid-type]
     seq_len: int = Field(16, ge=2, le=4096)
     max_depth: int = Field(3, ge=1, le=10, description="listops: deepest nesting (the difficulty)")
     n_val: int = Field(512, ge=1)
@@ -87,7 +91,9 @@ class TrainConfig(_Section):
 
 
 class CommConfig(_Section):
-    strategy: Literal["allreduce", "ddp", "ddp-powersgd", "powersgd", "dad", "rankdad", "auto"] = "allreduce"
+    """Every option of every strategy, flat; each strategy reads its own typed subset (`options()`)."""
+
+    strategy: Literal[STRATEGY_NAMES] = "allreduce"  # type: ignore[valid-type]
     rank: int = Field(4, ge=1, description="compression rank (powersgd, ddp-powersgd, rankdad)")
     power_iters: int = Field(1, ge=1, description="subspace iterations per step (rankdad)")
     rankdad_mode: Literal["oneway", "twoway"] = "oneway"
@@ -105,6 +111,15 @@ class CommConfig(_Section):
     overlap: bool = Field(True, description="dad/rankdad/auto: start each Linear layer's collective during "
                           "backward, as soon as its last Δ arrives, instead of after backward")
     timeout_s: float = Field(300.0, gt=0.0, description="a collective that takes longer fails the job")
+
+    @model_validator(mode="after")
+    def _strategy_rules(self) -> "CommConfig":
+        self.options()
+        return self
+
+    def options(self) -> BaseModel:
+        """This section as the chosen strategy's typed, frozen options (`compression.registry`)."""
+        return strategy_options(self)
 
 
 class EvalConfig(_Section):
@@ -151,20 +166,10 @@ class Config(_Section):
                 "gradients inside DeepSpeed, so a custom strategy cannot see whole gradients; use "
                 "train.zero_stage=1 (partitioned optimizer state, fed the strategy's gradient) or 0"
             )
-        c = self.comm
-        if c.strategy == "ddp-powersgd" and c.factor_dtype != "fp32":
-            raise ValueError(f"comm.factor_dtype={c.factor_dtype!r} with comm.strategy='ddp-powersgd': torch's "
-                             "powerSGD_hook sends fp32 factors only; use comm.strategy=powersgd for low-precision factors")
-        if c.strategy == "ddp-powersgd" and c.start_step < 2 and (c.error_feedback or c.warm_start):
-            raise ValueError(f"comm.start_step={c.start_step} with comm.strategy='ddp-powersgd': torch's PowerSGD "
-                             "needs start_step >= 2 when error feedback or warm start is on")
         if t.engine == "deepspeed" and self.comm.strategy in ("ddp", "ddp-powersgd"):
             raise ValueError(f"comm.strategy={self.comm.strategy!r} wraps the model in DistributedDataParallel, "
                              "which cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad "
                              "or auto")
-        if c.rest_dtype != "fp32" and c.strategy not in ("dad", "rankdad", "auto"):
-            raise ValueError(f"comm.rest_dtype={c.rest_dtype!r} with comm.strategy={c.strategy!r}: only dad, "
-                             "rankdad and auto send the uncaptured gradients separately; use rest_dtype=fp32")
         if t.engine == "torch" and t.zero_stage:
             raise ValueError(f"train.zero_stage={t.zero_stage} needs train.engine=deepspeed")
         return self
@@ -280,5 +285,7 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def strategy_names() -> tuple[str, ...]:
-    return get_args(CommConfig.model_fields["strategy"].annotation)
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The global batch splits evenly over the ranks (each rank takes B/S examples of every step)."""
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world_size}")

@@ -37,7 +37,7 @@ def _train(fields: dict, rank: int, world: int, overlap: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(fwd(tokens), labels).backward()
         out["bytes"].append(strategy.synchronize().bytes_sent)
-        out["early"].append(strategy.last_overlap.get("layers_in_backward", 0.0) if overlap else 0.0)
+        out["early"].append(strategy.scheduler.last_round.layers_in_backward if overlap else 0.0)
         opt.step()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     out["state"] = sorted(strategy.state_dict())

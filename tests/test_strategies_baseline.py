@@ -100,7 +100,7 @@ def _trained(rank: int, world: int, cfg: dict, steps: int = STEPS) -> dict[str, 
     stats = _train(model, strategy, fwd, opt, range(steps), rank, world)
     out = {"stats": stats, "params": _params(model), "grads": _grads(model)}
     if cfg["strategy"] == "ddp-powersgd":
-        out["torch_compression_stats"] = strategy.state.compression_stats()
+        out["torch_compression_stats"] = strategy.hook.state.compression_stats()
     return out
 
 

@@ -12,7 +12,9 @@ from torch import nn
 
 from dist_utils import run_ranks
 from dtrain.compression import build_strategy
-from dtrain.compression.auto import choose_method, layer_costs
+from dtrain.compression.codecs.factors import FactorsCodec
+from dtrain.compression.codecs.rows import RowsCodec
+from dtrain.compression.plan import choose_method, layer_costs
 from dtrain.compression.capture import attach_linears
 from dtrain.config import CommConfig
 from toy_models import ToyEncoder, toy_batch
@@ -128,7 +130,8 @@ def test_captured_backward_never_forms_the_weight_gradient():
 
 def test_auto_cost_model_picks_each_method_where_it_pays():
     def pick(i, o, n, s=4, k=4, rate=2.0):
-        return choose_method(layer_costs(i, o, n, s, k, factor_bytes=4), rate)
+        codecs = [RowsCodec(), FactorsCodec(CommConfig(strategy="rankdad", rank=k).options())]
+        return choose_method(layer_costs(codecs, i, o, n, s), rate)
 
     assert pick(784, 512, n=32, k=32) == "dad"  # N(in+out) ≪ in·out, and k = N rows compress nothing
     assert pick(784, 512, n=32, k=4) == "rankdad"  # the same layer, 8× fewer pseudo-rows

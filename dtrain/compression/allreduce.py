@@ -13,10 +13,9 @@ from .comm import Comm
 
 class AllReduce(Strategy):
     name = "allreduce"
-    exact = True
 
-    def __init__(self, cfg, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.bucket_mb = cfg.bucket_mb
+    def __init__(self, options: Any, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.bucket_mb = options.bucket_mb
         self.comm = Comm(group)
         self.mean: Optional[BucketedMean] = None
 

@@ -8,10 +8,9 @@ The trainer knows only this:
     stats = strategy.synchronize()                  # every rank now holds the same mean gradient
     optimizer.step()
 
-A strategy is split GRACE-style into three parts that can be tested alone:
-- a compressor (what is sent: dense, low-rank factors, (A, Δ) pairs),
-- its memory (error feedback residuals, warm-start factors; `state_dict`),
-- the communicator (`Comm`: which collective, and the byte accounting).
+A strategy is composed GRACE-style of parts that can be tested alone: codecs (what is sent: dense, low-rank
+factors, (A, Δ) rows; `codecs/`), their memory (error-feedback residuals, warm-start factors; `memory`) and the
+communicator (`Comm`: which collective, and the byte accounting). No strategy class inherits from another.
 """
 from __future__ import annotations
 
@@ -49,10 +48,8 @@ class CommStats:
 class Strategy(abc.ABC):
     """A data-parallel gradient synchronisation strategy."""
 
-    #: the `comm.strategy` name
+    #: the `comm.strategy` name (whether it is exact: `registry.STRATEGIES[name].exact`)
     name: str = ""
-    #: True when the delivered gradient equals the all-reduce mean (up to float rounding)
-    exact: bool = False
 
     @abc.abstractmethod
     def attach(self, model: nn.Module) -> nn.Module:

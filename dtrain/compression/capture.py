@@ -194,3 +194,28 @@ def attach_linears(model: nn.Module, skip: frozenset[str] = frozenset()) -> list
         module.forward = _captured_forward(module, capture)
         capture.modules.append(module)
     return list(by_weight.values())
+
+
+class GradientSource:
+    """Where a dAD-family strategy's gradients come from: the captures of every managed Linear weight, and the
+    rest of the trainable parameters (biases, norms, embeddings, uncaptured layers), whose gradients autograd
+    forms densely as usual. Both lists are in registration order, the same on every rank."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.captures = attach_linears(model)
+        managed = {id(c.weight) for c in self.captures}
+        self.rest: list[tuple[str, nn.Parameter]] = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in managed]
+
+    def release(self, capture: LinearCapture, a: torch.Tensor, delta: torch.Tensor) -> None:
+        """Hand a layer back to autograd; it joins the rest. This step's gradient is formed from its pair."""
+        local = delta.T @ a
+        capture.weight.grad = local if capture.weight.grad is None else capture.weight.grad + local
+        capture.remove()
+        self.rest.append((f"{capture.name}.weight", capture.weight))
+        self.captures = [c for c in self.captures if c is not capture]
+
+    def close(self) -> None:
+        for capture in self.captures:
+            capture.remove()
+        self.captures = []

@@ -3,8 +3,9 @@
 DDP reduces gradient buckets during backward (overlapping communication with the rest of backward), so these
 strategies synchronise inside `loss.backward()`; `synchronize()` only collects what the hooks counted.
 
-- `ddp`: torch's default hook (`allreduce_hook`: divide by world size, all-reduce the bucket).
-- `ddp-powersgd`: torch's `powerSGD_hook` with `PowerSGDState` built from `CommConfig`.
+One strategy class, `DDPStrategy`, composed with a hook (no subclassing):
+- `ddp`: `AllReduceHook`, torch's default hook (`allreduce_hook`: divide by world size, all-reduce the bucket).
+- `ddp-powersgd`: `PowerSGDHook`, torch's `powerSGD_hook` with `PowerSGDState` built from the options.
 
 Counting: a hook knows its bucket's tensors, so bytes are charged per parameter name. Time is each bucket's
 hook call to the completion of its future; buckets in flight together each count their own interval.
@@ -14,7 +15,7 @@ hook call to the completion of its future; buckets in flight together each count
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -39,112 +40,80 @@ class _BucketReduction:
     end: Optional[float] = None
 
 
-class DDPStrategy(Strategy):
-    name = "ddp"
-    exact = True
+#: bytes per parameter name of a bucket's gradients as they go on the wire
+PartsOf = Callable[[dist.GradBucket], dict[str, int]]
 
-    def __init__(self, cfg, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.cfg = cfg
-        self.comm = Comm(group)
-        self.ddp: Optional[DistributedDataParallel] = None
-        self._param_names: dict[int, str] = {}
-        self._reductions: list[_BucketReduction] = []
 
-    def attach(self, model: nn.Module) -> nn.Module:
-        # names of the bare model (not DDP's "module." prefix), so per_layer keys match the other strategies
-        self._param_names = {id(p): n for n, p in model.named_parameters()}
-        # forward_sync_buffers=False: buffers are not gradients and no other strategy syncs them per step, so the
-        # bytes counted here stay comparable and complete (DDP still makes them equal once, at construction)
-        self.ddp = DistributedDataParallel(model, process_group=self.comm.group, bucket_cap_mb=self.cfg.bucket_mb,
-                                           forward_sync_buffers=False)
-        self.ddp.register_comm_hook(self, type(self)._hook)
-        return self.ddp
+class Hook(Protocol):
+    """A DDP comm hook that also says what it sends (bytes per parameter name), and remembers state."""
 
-    def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        start = time.perf_counter()
-        return self._timed(bucket, self._dense_parts(bucket), start, allreduce_hook(self.comm.group, bucket))
+    def __call__(self, group: Optional[dist.ProcessGroup], bucket: dist.GradBucket,
+                 dense_parts: PartsOf) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]: ...
 
-    def _dense_parts(self, bucket: dist.GradBucket) -> dict[str, int]:
-        return {self._param_names[id(p)]: g.numel() * g.element_size()
-                for p, g in zip(bucket.parameters(), bucket.gradients())}
+    def state_dict(self) -> dict[str, Any]: ...
 
-    def _timed(self, bucket: dist.GradBucket, parts: dict[str, int], start: float,
-               fut: torch.futures.Future[torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
-        record = _BucketReduction(f"{self.name}/bucket{bucket.index()}", parts, start)
-        self._reductions.append(record)
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-        def finished(done: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-            record.end = time.perf_counter()
-            return done.value()
+    def describe(self) -> dict[str, Any]: ...
 
-        return fut.then(finished)
 
-    def synchronize(self) -> CommStats:
-        """DDP has already reduced every bucket by the time backward() returns: account for them."""
-        S = self.comm.world_size
-        for r in self._reductions:
-            if r.end is None:
-                raise RuntimeError(f"{self.name}: {r.name} has not finished; call synchronize() after backward()")
-            sent = sum(r.parts.values())
-            self.comm.account(r.name, sent, sent, 2.0 * (S - 1) / S * sent, r.end - r.start, r.parts)
-        self._reductions = []
-        return self.comm.reset()
+class AllReduceHook:
+    """torch's default hook: the bucket, divided by the world size, all-reduced."""
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        if self.ddp is None:
-            raise RuntimeError(f"{self.name}: no_sync() before attach()")
-        with self.ddp.no_sync():
-            yield
+    def __call__(self, group: Optional[dist.ProcessGroup], bucket: dist.GradBucket,
+                 dense_parts: PartsOf) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]:
+        return dense_parts(bucket), allreduce_hook(group, bucket)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"ddp: unexpected strategy state keys {sorted(state)}")
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "bucket_mb": self.cfg.bucket_mb}
+        return {}
 
 
-class DDPPowerSGDStrategy(DDPStrategy):
+class PowerSGDHook:
     """torch's PowerSGD hook. Per bucket, before `start_step`: the whole bucket is all-reduced. After: the
     uncompressed tensors, then all P, then all Q (three all-reduces), in fp32."""
 
-    name = "ddp-powersgd"
-    exact = False
-
-    def __init__(self, cfg, group: Optional[dist.ProcessGroup] = None) -> None:
-        if cfg.factor_dtype != "fp32":
-            raise ValueError(f"comm.factor_dtype={cfg.factor_dtype!r}: ddp-powersgd sends fp32 factors (torch's "
-                             "hook); use comm.strategy=powersgd for bf16/fp16 factors")
-        super().__init__(cfg, group)
-        self.state = PowerSGDState(process_group=group, matrix_approximation_rank=cfg.rank,
-                                   start_powerSGD_iter=cfg.start_step, min_compression_rate=cfg.min_compression_rate,
-                                   use_error_feedback=cfg.error_feedback, warm_start=cfg.warm_start, random_seed=0)
+    def __init__(self, options: Any, group: Optional[dist.ProcessGroup]) -> None:
+        self.options = options
+        self.state = PowerSGDState(process_group=group, matrix_approximation_rank=options.rank,
+                                   start_powerSGD_iter=options.start_step,
+                                   min_compression_rate=options.min_compression_rate,
+                                   use_error_feedback=options.error_feedback, warm_start=options.warm_start,
+                                   random_seed=0)
         # After a restore, the first step must not compress: the hook keys its residuals and P/Q by bucket index,
         # and a new DDP's first-step buckets differ from the rebuilt ones they were saved under.
         self._dense_until_rebuild = False
 
-    def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        start = time.perf_counter()
+    def __call__(self, group: Optional[dist.ProcessGroup], bucket: dist.GradBucket,
+                 dense_parts: PartsOf) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]:
         if self._dense_until_rebuild:
-            fut = allreduce_hook(self.comm.group, bucket)
+            fut = allreduce_hook(group, bucket)
             if bucket.is_last():
                 self.state.iter += 1
                 self._dense_until_rebuild = False
-            return self._timed(bucket, self._dense_parts(bucket), start, fut)
+            return dense_parts(bucket), fut
         compressing = self.state.iter >= self.state.start_powerSGD_iter
-        parts = self._compressed_parts(bucket) if compressing else self._dense_parts(bucket)
-        return self._timed(bucket, parts, start, powerSGD_hook(self.state, bucket))
+        parts = self._compressed_parts(bucket, dense_parts) if compressing else dense_parts(bucket)
+        return parts, powerSGD_hook(self.state, bucket)
 
-    def _compressed_parts(self, bucket: dist.GradBucket) -> dict[str, int]:
+    def _compressed_parts(self, bucket: dist.GradBucket, dense_parts: PartsOf) -> dict[str, int]:
         """Elements the hook all-reduces per tensor once compressing: (n + m) r for a compressed matrix (its
         share of the P and Q buffers), numel for the rest; `matrix_plan` is the hook's own rule."""
         parts = {}
-        for p, g in zip(bucket.parameters(), bucket.gradients()):
-            name = self._param_names[id(p)]
+        for (name, nbytes), g in zip(dense_parts(bucket).items(), bucket.gradients()):
             plan = matrix_plan(name, g.shape, self.state.matrix_approximation_rank, self.state.min_compression_rate)
-            parts[name] = (plan.factor_numel if plan else g.numel()) * g.element_size()
+            parts[name] = plan.factor_numel * g.element_size() if plan else nbytes
         return parts
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "bucket_mb": self.cfg.bucket_mb, "rank": self.cfg.rank,
-                "start_step": self.cfg.start_step, "min_compression_rate": self.cfg.min_compression_rate}
+        o = self.options
+        return {"rank": o.rank, "start_step": o.start_step, "min_compression_rate": o.min_compression_rate}
 
     def state_dict(self) -> dict[str, Any]:
         """The hook's memory (keyed by DDP bucket index; residuals are this rank's own) and its numpy RNG, as
@@ -175,3 +144,76 @@ class DDPPowerSGDStrategy(DDPStrategy):
         s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
                          rng["cached_gaussian"]))
         self._dense_until_rebuild = s.iter >= s.start_powerSGD_iter
+
+
+class DDPStrategy(Strategy):
+    def __init__(self, name: str, options: Any, group: Optional[dist.ProcessGroup], hook: Hook) -> None:
+        self.name = name
+        self.options = options
+        self.comm = Comm(group)
+        self.hook = hook
+        self.ddp: Optional[DistributedDataParallel] = None
+        self._param_names: dict[int, str] = {}
+        self._reductions: list[_BucketReduction] = []
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        # names of the bare model (not DDP's "module." prefix), so per_layer keys match the other strategies
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
+        # forward_sync_buffers=False: buffers are not gradients and no other strategy syncs them per step, so the
+        # bytes counted here stay comparable and complete (DDP still makes them equal once, at construction)
+        self.ddp = DistributedDataParallel(model, process_group=self.comm.group, bucket_cap_mb=self.options.bucket_mb,
+                                           forward_sync_buffers=False)
+        self.ddp.register_comm_hook(self, type(self)._hook)
+        return self.ddp
+
+    def _hook(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        start = time.perf_counter()
+        parts, fut = self.hook(self.comm.group, bucket, self._dense_parts)
+        record = _BucketReduction(f"{self.name}/bucket{bucket.index()}", parts, start)
+        self._reductions.append(record)
+
+        def finished(done: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            record.end = time.perf_counter()
+            return done.value()
+
+        return fut.then(finished)
+
+    def _dense_parts(self, bucket: dist.GradBucket) -> dict[str, int]:
+        return {self._param_names[id(p)]: g.numel() * g.element_size()
+                for p, g in zip(bucket.parameters(), bucket.gradients())}
+
+    def synchronize(self) -> CommStats:
+        """DDP has already reduced every bucket by the time backward() returns: account for them."""
+        S = self.comm.world_size
+        for r in self._reductions:
+            if r.end is None:
+                raise RuntimeError(f"{self.name}: {r.name} has not finished; call synchronize() after backward()")
+            sent = sum(r.parts.values())
+            self.comm.account(r.name, sent, sent, 2.0 * (S - 1) / S * sent, r.end - r.start, r.parts)
+        self._reductions = []
+        return self.comm.reset()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        if self.ddp is None:
+            raise RuntimeError(f"{self.name}: no_sync() before attach()")
+        with self.ddp.no_sync():
+            yield
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "bucket_mb": self.options.bucket_mb, **self.hook.describe()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.hook.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hook.load_state_dict(state)
+
+
+def build_ddp(options: Any, group: Optional[dist.ProcessGroup] = None) -> DDPStrategy:
+    return DDPStrategy("ddp", options, group, AllReduceHook())
+
+
+def build_ddp_powersgd(options: Any, group: Optional[dist.ProcessGroup] = None) -> DDPStrategy:
+    # (factor_dtype fp32 and start_step >= 2 are the registry's rules for this strategy)
+    return DDPStrategy("ddp-powersgd", options, group, PowerSGDHook(options, group))

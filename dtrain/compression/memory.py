@@ -1,9 +1,10 @@
-"""What a lossy strategy remembers between steps, kept apart from the compressor that fills it (GRACE's memory).
+"""What a lossy codec remembers between steps, kept apart from the codec that fills it (GRACE's memory).
 
-- `TensorMemory`: named tensors with `state_dict` (PowerSGD keeps its warm-start factor Q here).
-- `ErrorFeedback`: residuals of lossy compression, added back to the next step's gradient.
+- `TensorMemory`: named tensors with `state_dict` (warm-start factors Q of PowerSGD and rank-dAD).
+- `ErrorFeedback`: the one error-feedback memory of every lossy codec (PowerSGD's factors, rank-dAD's factors,
+  the 16-bit rest of the dAD family).
 
-Names are parameter names, so a checkpoint stays readable and survives a change of bucketing.
+Names are parameter or layer names, so a checkpoint stays readable and survives a change of bucketing.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class TensorMemory:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         self._tensors[name] = tensor
 
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in self._tensors.items()}
 
@@ -38,12 +42,15 @@ class ErrorFeedback(TensorMemory):
     """Error feedback (Seide et al. 2014; PowerSGD's memory): what compression dropped on this rank is added to
     the next gradient, so a biased compressor loses nothing in the long run.
 
-    Per rank and tensor, with compensated = gradient + previous residual:
+    The invariant, per rank and tensor, for every codec that uses it:
 
-        compensated = delivered + new residual            (exact: the residual is defined as the difference)
-        sum over steps of gradients = sum of delivered + last residual
+        compensated = delivered + new residual        where compensated = gradient + previous residual
 
-    Residuals differ between ranks (each holds its own error): checkpoint them per rank.
+    It holds exactly because the residual is defined as the difference; summed over steps, the gradients equal
+    what was delivered plus the last residual. "Delivered" is this rank's own share of what the codec sent (its
+    factors as cast to the wire dtype, its 16-bit vector), plus anything the codec's decoding dropped again.
+
+    Residuals differ between ranks (each holds its own error): they are checkpointed per rank.
     """
 
     def compensate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
@@ -51,6 +58,18 @@ class ErrorFeedback(TensorMemory):
         residual = self.get(name)
         return grad.clone() if residual is None else grad + residual
 
+    def compensate_product(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """left @ right + residual in one fused product: the gradient given by its factors (Δᵀ A)."""
+        residual = self.get(name)
+        return left @ right if residual is None else torch.addmm(residual.to(left.dtype), left, right)
+
     def update(self, name: str, compensated: torch.Tensor, delivered: torch.Tensor) -> None:
         """Remember what `compensated` lost on its way to `delivered`."""
         self.put(name, compensated - delivered)
+
+    def update_factored_(self, name: str, compensated: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """`update` for delivered = p qᵀ, computed in place in `compensated` (no second out×in buffer).
+        Returns the residual, which the caller may still adjust in place (rank-dAD's two-way recompression)."""
+        residual = compensated.addmm_(p, q.T, alpha=-1.0)
+        self.put(name, residual)
+        return residual

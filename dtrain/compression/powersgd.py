@@ -23,9 +23,9 @@ from torch import nn
 from .base import CommStats, Strategy
 from .buckets import BucketedMean, grad_or_zeros, trainable_parameters
 from .comm import Comm
+from .dtypes import wire_dtype
+from .lowrank import orthonormalize
 from .memory import ErrorFeedback, TensorMemory
-
-FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,6 @@ class SumAcrossRanks(Protocol):
     """In-place sum over ranks; `parts` charges the bytes per layer. `Comm.all_reduce_` is one."""
 
     def __call__(self, tensor: torch.Tensor, name: str, *, parts: Mapping[str, int]) -> torch.Tensor: ...
-
-
-def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the columns (reduced QR). QR rather than Gram-Schmidt: it stays orthonormal when
-    columns are zero or dependent (an unused layer, a gradient of rank < r), where Gram-Schmidt divides by 0."""
-    return torch.linalg.qr(matrix).Q
 
 
 def power_iteration_mean(matrices: Sequence[torch.Tensor], qs: Sequence[torch.Tensor], plans: Sequence[MatrixPlan],
@@ -106,12 +100,11 @@ def initial_factor(plans: Sequence[MatrixPlan], step: int, dtype: torch.dtype,
 
 class PowerSGD(Strategy):
     name = "powersgd"
-    exact = False
 
-    def __init__(self, cfg, group: Optional[dist.ProcessGroup] = None) -> None:
-        self.cfg = cfg
+    def __init__(self, options: Any, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.cfg = options
         self.comm = Comm(group)
-        self.factor_dtype = FACTOR_DTYPES[cfg.factor_dtype]
+        self.factor_dtype = wire_dtype(options.factor_dtype)
         self.step = 0
         self.residuals = ErrorFeedback()
         self.factors = TensorMemory()

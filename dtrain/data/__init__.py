@@ -12,7 +12,7 @@ val examples never occur in train.
 """
 from __future__ import annotations
 
-from dtrain.config import DataConfig
+from dtrain.config import TASK_NAMES, DataConfig
 
 from .groups import StateTracking
 from .listops import ListOps
@@ -27,7 +27,7 @@ def build_task(cfg: DataConfig) -> Task:
         return StateTracking(cfg)
     if cfg.task == "listops":
         return ListOps(cfg)
-    raise ValueError(f"data.task: {cfg.task!r} is not one of parity, s5, a5, listops")
+    raise ValueError(f"data.task: {cfg.task!r} is not one of {', '.join(TASK_NAMES)}")
 
 
 __all__ = ["Batch", "Example", "IGNORE", "Task", "TaskSpec", "build_task"]

@@ -1,0 +1,10 @@
+"""Codecs: what a gradient sends, and how the received tensors become the gradient.
+
+- per captured Linear layer (`LayerCodec`, base.py): `rows.RowsCodec` (dAD: the (A, Δ) rows, exact),
+  `factors.FactorsCodec` (rank-dAD: k low-rank factors of Δᵀ A + error feedback);
+- for the dense rest of the model (biases, norms, embeddings, uncaptured layers): `buckets.BucketedMean`
+  (exact fp32 all-reduce, also the allreduce baseline) and `rest.HalfPrecisionGather` (16-bit, error feedback).
+"""
+from .base import LayerCodec, LayerStep, Pending
+
+__all__ = ["LayerCodec", "LayerStep", "Pending"]

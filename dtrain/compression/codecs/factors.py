@@ -1,0 +1,161 @@
+"""`FactorsCodec`: rank-dAD's codec, dAD with each rank's rows compressed to k low-rank factors. Lossy.
+
+Rank i factorises its local gradient M_i = Δ_iᵀ A_i (+ E_i, its error-feedback residual) as P_i Q_iᵀ with
+`lowrank.subspace_iteration` (`power_iters` steps, warm-started from the previous step's Q_i when `warm_start`,
+otherwise from a Gaussian seeded by (layer, step), the same on every rank). k = `rank` clipped to
+min(in, out, max_i N_i), the same on every rank. The factors, cast to `factor_dtype`, travel in one all-gather
+per layer ([P_i; Q_i], (out+in)×k), and every rank combines the identical gathered data the same way:
+
+- oneway: G = Σ_i P_i Q_iᵀ / S, rank ≤ S·k (the k factor columns act as dAD pseudo-rows);
+- twoway: G = the exact rank-k truncated SVD of that sum, computed from the factors
+  (`lowrank.truncate`, O((in+out)(Sk)²)): rank ≤ k, a second approximation error, same bytes.
+
+Error feedback (`error_feedback`, `memory.ErrorFeedback`): delivered = P̂_i Q̂_iᵀ as sent (after the dtype cast);
+in twoway each rank also counts the recompression error Σ_j P̂_j Q̂_jᵀ/S − G against itself, so the mean of the
+residuals is exactly what the delivered gradients have missed. The price: one dense out×in fp32 residual per
+layer per rank and forming M_i densely (N·in·out flops), i.e. the compute dAD saves. A step whose decoded
+gradient is not finite leaves residuals and warm-start factors untouched.
+
+Introspection (`CommStats.extra`, every `spectrum_every` steps from step 0): `rankdad/<layer>/sigma<j>`
+(j = 1..k) and `rankdad/<layer>/eff_rank` of the delivered gradient, identical on every rank. Periodic because in
+oneway mode the σ cost an SVD per layer that the step itself does not need.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..capture import LinearCapture
+from ..comm import Comm
+from ..dtypes import element_size, wire_dtype
+from ..lowrank import (Dense, OuterProduct, clip_rank, effective_rank, factored_svd, random_start,
+                       subspace_iteration, truncate)
+from ..memory import ErrorFeedback, TensorMemory
+from .base import LayerCodec, LayerStep, Pending
+
+
+class FactorsCodec(LayerCodec):
+    name = "rankdad"
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+        self.factor_dtype = wire_dtype(options.factor_dtype)
+        self.residuals = ErrorFeedback()
+        self.starts = TensorMemory()
+        self.step = 0
+        self._index: dict[str, int] = {}
+
+    def bind(self, layer_names: list[str]) -> None:
+        self._index = {name: i for i, name in enumerate(layer_names)}
+
+    def rank_for(self, in_features: int, out_features: int, rows: int) -> int:
+        return clip_rank(self.options.rank, in_features, out_features, rows)
+
+    # ------------------------------------------------------------------ one layer
+    def _start(self, name: str, in_features: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        # one seed per (layer, step): the same on every rank, a fresh draw every step
+        seed = self.step * max(1, len(self._index)) + self._index[name]
+        q = self.starts.get(name) if self.options.warm_start else None
+        # last step's Q only if it has the right shape (k can change with the row count)
+        if q is not None and q.shape == (in_features, k):
+            return q.to(like)
+        return random_start(in_features, k, seed, like)
+
+    def launch(self, layer: LayerStep, comm: Comm) -> Pending:
+        """The local stage (subspace iteration on Δᵀ A, + residual), then the factors' all-gather."""
+        c = layer.capture
+        k = self.rank_for(c.in_features, c.out_features, max(layer.rows))
+        if k == 0:
+            return Pending(layer, None)
+        op = OuterProduct(layer.delta, layer.a)
+        # Δᵀ A + E in one fused product, a fresh tensor: the stored residual stays untouched until `finish`
+        # replaces it (a non-finite step keeps the old one)
+        target = (self.residuals.compensate_product(c.name, layer.delta.T, layer.a)
+                  if self.options.error_feedback else None)
+        start = self._start(c.name, c.in_features, k, c.weight)
+        p, q = subspace_iteration(op if target is None else Dense(target), start, self.options.power_iters)
+        gather = comm.all_gather_async(torch.cat([p, q]).to(self.factor_dtype), c.name)
+        return Pending(layer, gather, {"k": k, "q": q, "target": target})
+
+    def finish(self, pending: Pending, comm: Comm) -> Optional[torch.Tensor]:
+        if pending.gather is None:
+            return None
+        c = pending.layer.capture
+        k, q, target = pending.data["k"], pending.data["q"], pending.data["target"]
+        parts = pending.gather.wait()
+        ps = [t[:c.out_features].to(c.weight.dtype) for t in parts]
+        qs = [t[c.out_features:].to(c.weight.dtype) for t in parts]
+        p_sum = torch.cat(ps, dim=1).div_(comm.world_size)  # out × S·k: Σ_i P_i Q_iᵀ / S = p_sum q_allᵀ
+        q_all = torch.cat(qs, dim=1)
+        if not bool(torch.isfinite(p_sum).all() and torch.isfinite(q_all).all()):
+            # a non-finite step (the trainer's nan_policy skips it) must not poison the memory for good, nor
+            # reach an SVD that raises; the gathered factors are the same on every rank, so all decide alike
+            return p_sum @ q_all.T
+        every = self.options.spectrum_every
+        log_spectrum = every > 0 and self.step % every == 0
+        if self.options.rankdad_mode == "oneway":
+            grad = p_sum @ q_all.T
+            if log_spectrum:
+                self._log_spectrum(comm, c.name, factored_svd(p_sum, q_all)[1], k)
+        else:
+            p_k, q_k, sigma = truncate(p_sum, q_all, k)
+            grad = p_k @ q_k.T
+            if log_spectrum:
+                self._log_spectrum(comm, c.name, sigma, k)
+
+        if self.options.warm_start:
+            self.starts.put(c.name, q)
+        if target is not None:
+            me = comm.rank
+            residual = self.residuals.update_factored_(c.name, target, ps[me], qs[me])
+            if self.options.rankdad_mode == "twoway":
+                residual.addmm_(p_sum, q_all.T).sub_(grad)
+        return grad
+
+    @staticmethod
+    def _log_spectrum(comm: Comm, name: str, sigma: torch.Tensor, k: int) -> None:
+        """σ_1..σ_k, and the effective rank over all of σ (up to S·k values in oneway)."""
+        extra = comm.stats.extra
+        for j, s in enumerate(sigma[:k].tolist(), start=1):
+            extra[f"rankdad/{name}/sigma{j}"] = s
+        extra[f"rankdad/{name}/eff_rank"] = effective_rank(sigma)
+
+    def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int) -> float:
+        k = self.rank_for(in_features, out_features, rows)
+        return float((world_size - 1) * k * (in_features + out_features) * element_size(self.options.factor_dtype))
+
+    def end_step(self) -> None:
+        self.step += 1
+
+    # ------------------------------------------------------------------ checkpoints, plan.json
+    def state_keys(self) -> tuple[str, ...]:
+        return ("step", "starts", "residuals")
+
+    def state_dict(self) -> dict[str, Any]:
+        """`step` and `starts` are the same on every rank; `residuals` are this rank's own."""
+        return {"step": self.step, "starts": self.starts.state_dict(), "residuals": self.residuals.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = (set(state["starts"]) | set(state["residuals"])) - set(self._index)
+        if unknown:
+            raise ValueError(f"rankdad: state for unknown layers {sorted(unknown)}")
+        self.step = int(state["step"])
+        self.starts.load_state_dict(state["starts"])
+        self.residuals.load_state_dict(state["residuals"])
+
+    def describe(self, captures: Sequence[LinearCapture]) -> dict[str, Any]:
+        o = self.options
+        info: dict[str, Any] = {
+            "rank": o.rank, "rank_rule": "min(comm.rank, in, out, max rows over ranks)", "power_iters": o.power_iters,
+            "mode": o.rankdad_mode, "error_feedback": o.error_feedback, "warm_start": o.warm_start,
+            "factor_dtype": o.factor_dtype}
+        clipped = [f"{c.name} ({c.out_features}x{c.in_features})" for c in captures
+                   if o.rank >= min(c.in_features, c.out_features)]
+        if clipped:
+            info["warnings"] = [
+                f"comm.rank={o.rank} is not below min(in, out) of {len(clipped)} layer(s): "
+                f"{', '.join(clipped[:6])}{' ...' if len(clipped) > 6 else ''}; they use k=min(in, out), which is "
+                "exact at enough power iterations but sends at least as many bytes as all-reduce for that layer "
+                "(comm.strategy=auto picks per layer)"]
+        return info

@@ -1,0 +1,153 @@
+"""Plans of the dAD family: which codec each captured Linear layer uses.
+
+- `FixedPlan`: one codec for every layer (`dad`: rows, `rankdad`: factors).
+- `CostModelPlan` (`auto`): per layer the cheapest of all-reduce, the rows codec and the factors codec under a
+  byte cost model, the codecs' own `wire_bytes` (the `CommStats.wire_bytes` convention):
+
+      allreduce  2(S−1)/S · in·out · 4
+      dad        (S−1) · N · (in+out) · 4              N = rows per rank (max over ranks: padding is sent)
+      rankdad    (S−1) · k · (in+out) · bytes(factor)  k = min(comm.rank, in, out, N)
+
+  The exact choice is the cheaper of allreduce and dad (ties go to allreduce, which needs no capture); rankdad
+  is lossy, so it is chosen only when it beats that exact choice by comm.min_compression_rate. Rows are known only
+  after a forward pass, so the plan is made at the first synchronize from that step's row counts (identical on
+  every rank) and then fixed for the run. Layers planned as allreduce are released from capture: that first step
+  their gradient is formed locally from the captured pair and all-reduced with the rest; afterwards autograd
+  computes it as usual.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+from .capture import LinearCapture
+from .codecs.base import LayerCodec, LayerStep
+
+log = logging.getLogger(__name__)
+
+ALLREDUCE = "allreduce"
+
+
+def allreduce_wire_bytes(in_features: int, out_features: int, world_size: int) -> float:
+    S = world_size
+    return 2.0 * (S - 1) / S * in_features * out_features * 4
+
+
+def layer_costs(codecs: Sequence[LayerCodec], in_features: int, out_features: int, rows: int,
+                world_size: int) -> dict[str, float]:
+    """Estimated wire bytes per rank per step of all-reduce and of each codec for one layer's weight gradient."""
+    costs = {ALLREDUCE: allreduce_wire_bytes(in_features, out_features, world_size)}
+    costs.update({c.name: c.wire_bytes(in_features, out_features, rows, world_size) for c in codecs})
+    return costs
+
+
+def choose_method(costs: dict[str, float], min_compression_rate: float) -> str:
+    exact = "dad" if costs["dad"] < costs[ALLREDUCE] else ALLREDUCE
+    if costs["rankdad"] * min_compression_rate < costs[exact]:
+        return "rankdad"
+    return exact
+
+
+class FixedPlan:
+    """Every captured layer through one codec."""
+
+    def __init__(self, codec: LayerCodec) -> None:
+        self._codec = codec
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def codecs(self) -> list[LayerCodec]:
+        return [self._codec]
+
+    def codec(self, layer: str) -> LayerCodec:
+        return self._codec
+
+    def apply(self, layers: list[LayerStep]) -> list[LayerStep]:
+        return layers
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def describe(self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str],
+                 world_size: int) -> dict[str, Any]:
+        return {"strategy": strategy,
+                "layers": {c.name: {"in": c.in_features, "out": c.out_features} for c in captures},
+                "rest_params": list(rest), **self._codec.describe(captures)}
+
+
+class CostModelPlan:
+    """`auto`. `release(layer)` hands a layer planned as allreduce back to autograd (the strategy's)."""
+
+    def __init__(self, rows: LayerCodec, factors: LayerCodec, options: Any, world_size: int, is_main: bool,
+                 captures: Callable[[], Sequence[LinearCapture]], release: Callable[[LayerStep], None]) -> None:
+        self._by_method = {rows.name: rows, factors.name: factors}
+        self.options = options
+        self.world_size = world_size
+        self.is_main = is_main
+        self._captures = captures
+        self._release = release
+        self.plan: Optional[dict[str, dict[str, Any]]] = None
+
+    @property
+    def ready(self) -> bool:
+        """Overlap once the plan is made and its allreduce layers are released (after the first step)."""
+        return self.plan is not None and all(self.plan[c.name]["method"] != ALLREDUCE for c in self._captures())
+
+    def codecs(self) -> list[LayerCodec]:
+        return list(self._by_method.values())
+
+    def codec(self, layer: str) -> LayerCodec:
+        assert self.plan is not None
+        return self._by_method[self.plan[layer]["method"]]
+
+    def apply(self, layers: list[LayerStep]) -> list[LayerStep]:
+        if self.plan is None:
+            self.plan = self._make(layers)
+            if self.is_main:
+                log.info("auto plan: %s", json.dumps(self.plan))
+        # after the first step (or a resume) allreduce layers are no longer captured: this finds none then
+        for layer in layers:
+            if self.plan[layer.capture.name]["method"] == ALLREDUCE:
+                self._release(layer)
+        return [layer for layer in layers if self.plan[layer.capture.name]["method"] != ALLREDUCE]
+
+    def _make(self, layers: list[LayerStep]) -> dict[str, dict[str, Any]]:
+        factors = self._by_method["rankdad"]
+        plan = {}
+        for layer in layers:
+            c = layer.capture
+            rows = max(layer.rows)
+            costs = layer_costs(self.codecs(), c.in_features, c.out_features, rows, self.world_size)
+            plan[c.name] = {
+                "method": choose_method(costs, self.options.min_compression_rate),
+                "in": c.in_features, "out": c.out_features, "rows": rows,
+                "k": factors.rank_for(c.in_features, c.out_features, rows),  # type: ignore[attr-defined]
+                "wire_bytes": costs,
+            }
+        return plan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A resumed run keeps its plan (applied at the next synchronize) even if N differs now."""
+        self.plan = state["plan"]
+
+    def describe(self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str],
+                 world_size: int) -> dict[str, Any]:
+        return {
+            "strategy": strategy,
+            "cost_model": "wire bytes per rank per step: allreduce 2(S-1)/S*in*out*4, dad (S-1)*N*(in+out)*4, "
+                          "rankdad (S-1)*k*(in+out)*bytes(factor); rankdad only if min_compression_rate times "
+                          "cheaper than the exact choice",
+            "world_size": world_size,
+            "rank": self.options.rank,
+            "min_compression_rate": self.options.min_compression_rate,
+            "plan": self.plan if self.plan is not None else "made at the first synchronize() (needs rows)",
+        }
