@@ -1,11 +1,14 @@
-"""Shared helpers of the issue-9 benchmarks (bytes_vs_accuracy, overlap, fpsa_step_time, time_to_accuracy).
+"""Shared helpers of the benchmarks (bench/*.py, run as `python -m bench.NAME` from the repository root).
 
 - `machine()` / `load()`: what ran the numbers, and how busy the machine was (load average), for the tables;
+- `command_line()`: the command that produced them, as the docs record it;
 - `train_run()`: one `dtrain train` through torchrun (or the netns cluster), its summary.json and metrics rows;
-- `write_section()`: replace or append one "## " section of docs/benchmarks.md, leaving the others alone.
+- `write_section()`: replace or append one "## " section of docs/benchmarks.md, leaving the others alone;
+- `launch_script()`: a module of launch/, to use the launchers' own helpers instead of copies.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -15,16 +18,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+
+from dtrain.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TORCHRUN = str(VENV_BIN / "torchrun") if (VENV_BIN / "torchrun").exists() else "torchrun"
 NETNS_CLUSTER = ROOT / "launch" / "netns_cluster"
 INTRO = ("# Benchmarks\n\nMeasured figures, each with the command that produced it and the machine it ran on. "
-         "Re-running a benchmark rewrites its own section.\n")
+         "Each benchmark is a module of the `bench` package, run from the repository root "
+         "(`.venv/bin/python -m bench.NAME --help`); re-running one rewrites its own section.\n")
 
 
 def machine() -> str:
@@ -52,16 +59,18 @@ def load_note(samples: Sequence[float]) -> str:
 
 
 def command_line(argv: Optional[Sequence[str]] = None) -> str:
+    """`.venv/bin/python -m bench.NAME ARGS...` for this process (`python -m` sets argv[0] to the module's file)."""
     argv = list(sys.argv if argv is None else argv)
-    script = os.path.relpath(argv[0], ROOT) if os.path.isabs(argv[0]) else argv[0]
-    return " ".join([".venv/bin/python", script] + [shlex.quote(a) for a in argv[1:]])
+    module = ".".join(Path(argv[0]).resolve().relative_to(ROOT).with_suffix("").parts)
+    return " ".join([".venv/bin/python", "-m", module] + [shlex.quote(a) for a in argv[1:]])
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def launch_script(name: str) -> ModuleType:
+    """launch/NAME.py, loaded by its path: launch/ holds standalone scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_run(config: str, overrides: Iterable[str], run_dir: Path, nproc: int = 2, *, rate: Optional[str] = None,
@@ -83,7 +92,8 @@ def train_run(config: str, overrides: Iterable[str], run_dir: Path, nproc: int =
             # own namespace prefix, subnet and port: the tool removes leftovers of its prefix first, so sharing the
             # default prefix with another user's cluster would tear that one down
             cmd = [str(NETNS_CLUSTER), "--hosts", str(hosts or nproc), "--nproc-per-host", "1",
-                   "--rate", rate, "--prefix", "b9n", "--subnet", "10.79.0", "--port", "29479", *(["--timeout", str(int(timeout))] if timeout else []), "--",
+                   "--rate", rate, "--prefix", "b9n", "--subnet", "10.79.0", "--port", "29479",
+                   *(["--timeout", str(int(timeout))] if timeout else []), "--",
                    "--config", config, "--set", *overrides]
         # one intra-op thread per process, as torchrun sets for several processes per node: with one process per
         # netns host torchrun leaves torch at all cores, and 2 hosts x 2 threads oversubscribe a 2-core machine
@@ -128,11 +138,3 @@ def write_result(path: Path, section: str, setup: str, loads: list[float], *body
     write_section(path, "\n".join([
         section, "", setup, "", f"Machine: {machine()}; {load_note(loads)}.", "",
         command or f"Command: `{command_line()}`", "", *body, ""]))
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"

@@ -7,9 +7,9 @@ summary.json, exact by construction), the ratio is against a plain fp32 all-redu
 accuracy is the held-out accuracy at the end. Accuracy and bytes do not depend on machine load; wall time does
 and is reported only for orientation.
 
-    .venv/bin/python bench/bytes_vs_accuracy.py --docs docs/benchmarks.md            # ~35 min on 2 cores
-    .venv/bin/python bench/bytes_vs_accuracy.py --only allreduce rankdad-k4-bf16-rest16  # a subset
-    .venv/bin/python bench/bytes_vs_accuracy.py --tiny                                # seconds (smoke test)
+    .venv/bin/python -m bench.bytes_vs_accuracy --docs docs/benchmarks.md            # ~35 min on 2 cores
+    .venv/bin/python -m bench.bytes_vs_accuracy --only allreduce rankdad-k4-bf16-rest16  # a subset
+    .venv/bin/python -m bench.bytes_vs_accuracy --tiny                                # seconds (smoke test)
 
 Run directories go to --out (default runs/bench/bytes); a variant whose run directory already holds a
 summary.json is not trained again (delete the directory, or pass --fresh, to re-run it).
@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import ROOT, command_line, fmt_bytes, train_run, write_result  # noqa: E402
+from bench._common import ROOT, command_line, train_run, write_result
+from dtrain.metrics import format_bytes
 
 SECTION = "## Bytes per step vs final accuracy (issue 9, {name})"
 
@@ -103,7 +100,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "bytes": s["comm/bytes_per_step"], "ratio": s["compression_ratio"],
                          "allreduce_bytes": s["comm/allreduce_bytes_per_step"], "wall_s": s["wall_s"],
                          "step_s": s["time/step_s_mean"], "skipped": s["skipped_steps"], "load": r["load"]})
-            print(f"    acc {s['final/val_acc']:.4f}  {fmt_bytes(s['comm/bytes_per_step'])}/step  "
+            print(f"    acc {s['final/val_acc']:.4f}  {format_bytes(s['comm/bytes_per_step'])}/step  "
                   f"{s['compression_ratio']:.1f}x", flush=True)
     return rows
 
@@ -128,13 +125,13 @@ def table(rows: list[dict[str, Any]], labels: list[str]) -> tuple[str, dict[str,
         settings = " ".join(o.replace("comm.", "") for o in rs[0]["overrides"])
         acc_txt = " / ".join(f"{a:.3f}" for a in accs)
         ok = "—" if label == "allreduce" or not deltas else ("yes" if delta >= -1.0 else "no")
-        lines.append(f"| {label} | `{settings}` | {fmt_bytes(rs[0]['bytes'])} | {rs[0]['ratio']:.1f}× | {acc_txt} "
+        lines.append(f"| {label} | `{settings}` | {format_bytes(rs[0]['bytes'])} | {rs[0]['ratio']:.1f}× | {acc_txt} "
                      f"| {delta:+.1f} | {ok} |")
     return "\n".join(lines), agg
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--only", nargs="+", default=None, choices=list(VARIANTS), metavar="VARIANT",
@@ -167,13 +164,13 @@ def main() -> None:
         steps = [o for o in args.set if o.startswith("train.steps")]
         seeds = sorted({r["seed"] for r in rows})
         setup = (
-            f"Model: `{args.config}` (SELF-Transformer, fixed-point attention, {split['params']:,} parameters, of which "
-            f"{split['linear_weights']:,} in Linear weights and {split['rest']:,} in embeddings, LayerNorms and "
+            f"Model: `{args.config}` (SELF-Transformer, fixed-point attention, {split['params']:,} parameters, of "
+            f"which {split['linear_weights']:,} in Linear weights and {split['rest']:,} in embeddings, LayerNorms and "
             f"biases); {args.nproc} processes (gloo, torchrun), the same seeds (of {seeds}) and steps"
             f"{' (' + ', '.join(steps) + ')' if steps else ''} for every variant. fp32 all-reduce payload: "
-            f"{fmt_bytes(rows[0]['allreduce_bytes'])}/step. Bytes and accuracy do not depend on machine load.")
+            f"{format_bytes(rows[0]['allreduce_bytes'])}/step. Bytes and accuracy do not depend on machine load.")
         command = (f"Command: `{command_line()}` tabulates the finished runs; each was trained by "
-                   f"`.venv/bin/python bench/bytes_vs_accuracy.py --config {args.config} --out {args.out} --only "
+                   f"`.venv/bin/python -m bench.bytes_vs_accuracy --config {args.config} --out {args.out} --only "
                    "VARIANT --seeds SEED` (its resolved config is `config.yaml` in its run directory)."
                    if args.collect else None)
         write_result(args.docs, SECTION.format(name=Path(args.config).stem), setup, loads, text, command=command)

@@ -8,7 +8,7 @@ measurements per configuration, each in a fresh subprocess:
 - RSS: the process's peak resident set (ru_maxrss) over the step, minus its resident set just before it. This
   also covers the forward solve's temporaries and the adjoint solve that runs inside backward.
 
-    .venv/bin/python bench/fpsa_memory.py [--docs docs/benchmarks.md]
+    .venv/bin/python -m bench.fpsa_memory [--docs docs/benchmarks.md]
 """
 from __future__ import annotations
 
@@ -21,16 +21,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import machine, write_section  # noqa: E402
-from dtrain.config import Config  # noqa: E402
-from dtrain.data import build_task  # noqa: E402
-from dtrain.model import build_model  # noqa: E402
+from bench._common import ROOT, command_line, machine, write_section
+from dtrain.config import Config
+from dtrain.data import build_task
+from dtrain.model import build_model
+from dtrain.trainer import loss_fn
 
 SECTION = "## FPSA memory"
 RUNS = [("implicit", 4), ("implicit", 32), ("bptt", 4), ("bptt", 32)]
@@ -55,7 +51,7 @@ def make_step(backward: str, max_iter: int):
 
     def step(rows: int = SHAPE["batch"]) -> torch.Tensor:
         logits = model(batch.tokens[:rows], batch.mask[:rows])
-        return F.cross_entropy(logits.flatten(0, 1), batch.targets[:rows].flatten())
+        return loss_fn(logits, batch.targets[:rows], task.spec.targets_per_example)
 
     return model, step
 
@@ -119,12 +115,13 @@ def section(results: list[tuple[str, int, dict[str, float]]]) -> str:
             "freed tensors leave the resident set), and the absolute peak (it includes the "
             "interpreter and torch).\n\n"
             f"Machine: {machine()}, 1 intra-op thread.\n\n"
-            "Command: `.venv/bin/python bench/fpsa_memory.py --docs docs/benchmarks.md`\n\n"
+            f"Command: `{command_line()}`\n\n"
             + table(results))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=Path, help="write the table into this markdown file's FPSA memory section")
     parser.add_argument("--child", nargs=2, metavar=("BACKWARD", "MAX_ITER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -133,8 +130,8 @@ def main() -> None:
         return
     results = []
     for backward, max_iter in RUNS:
-        out = subprocess.run([sys.executable, __file__, "--child", backward, str(max_iter)], check=True,
-                             capture_output=True, text=True, env=CHILD_ENV).stdout
+        out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", backward, str(max_iter)],
+                             check=True, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV).stdout
         results.append((backward, max_iter, json.loads(out.strip().splitlines()[-1])))
     text = section(results)
     print(text)

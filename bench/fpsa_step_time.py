@@ -7,28 +7,25 @@ so machine load hits all alike; the figure is the median step time over repeats,
 is taken per repeat round and then medianed. `--profile` prints torch.profiler's top operators of one FPSA
 step.
 
-    .venv/bin/python bench/fpsa_step_time.py --docs docs/benchmarks.md        # ~2 min on 1 core
-    .venv/bin/python bench/fpsa_step_time.py --tiny                           # seconds (smoke test)
+    .venv/bin/python -m bench.fpsa_step_time --docs docs/benchmarks.md        # ~2 min on 1 core
+    .venv/bin/python -m bench.fpsa_step_time --tiny                           # seconds (smoke test)
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import ROOT, load, write_result  # noqa: E402
-from dtrain.config import load_config  # noqa: E402
-from dtrain.data import build_task  # noqa: E402
-from dtrain.model import build_model  # noqa: E402
-from dtrain.trainer import loss_fn  # noqa: E402
+from bench._common import ROOT, load, write_result
+from dtrain.config import load_config
+from dtrain.data import build_task
+from dtrain.model import build_model
+from dtrain.optim import build_optimizer
+from dtrain.trainer import loss_fn
 
 SECTION = "## FPSA step time vs vanilla (issue 9)"
 TARGET = 1.6
@@ -39,8 +36,7 @@ def make(config: str, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
     task = build_task(cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, task.spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    return cfg, task, model, opt
+    return cfg, task, model, build_optimizer(cfg.train, model)
 
 
 def step_fn(cfg, task, model, opt, batch) -> float:
@@ -54,7 +50,7 @@ def step_fn(cfg, task, model, opt, batch) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
@@ -113,13 +109,13 @@ def main() -> None:
     for name in names:
         ratio = med([a / b for a, b in zip(times[name], base)])
         it = f"{med(iters[name]):.1f}" if iters[name] else "—"
-        ok = "—" if name == "vanilla" else ("met" if ratio <= TARGET else f"not met (+{100 * (ratio / TARGET - 1):.0f}%)")
+        ok = ("—" if name == "vanilla" else
+              "met" if ratio <= TARGET else f"not met (+{100 * (ratio / TARGET - 1):.0f}%)")
         adj = f"{med(adj_iters[name]):.0f}" if adj_iters[name] else "—"
         lines.append(f"| {name} | {it} | {adj} | {1e3 * med(times[name]):.1f} | {ratio:.2f}× | {ok} |")
     table = "\n".join(lines)
     print(table)
 
-    prof_text = ""
     if args.profile:
         name = next(n for n in names if n != "vanilla")
         cfg, task, model, opt = variants[name]
@@ -133,10 +129,10 @@ def main() -> None:
     if args.docs:
         m = cfg0.model
         write_result(args.docs, SECTION,
-                     f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), {batch_size} "
-                     f"examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + backward + AdamW, "
-                     f"one process, {args.threads} thread(s); the solver is forced to run exactly n iterations "
-                     "(`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
+                     f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), "
+                     f"{batch_size} examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + "
+                     f"backward + AdamW, one process, {args.threads} thread(s); the solver is forced to run exactly n "
+                     "iterations (`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
                      f"{args.repeats} rounds after 2 warm-up rounds.", loads, table)
 
 

@@ -8,10 +8,11 @@ synchronize and whole-step times, and per layer collective its launch and comple
 of `loss.backward()`. At the end it checks that both copies hold bitwise the same weights (overlap must not
 change a single bit).
 
-    .venv/bin/python bench/overlap.py --docs docs/benchmarks.md          # ~3 min on 2 cores
-    .venv/bin/python bench/overlap.py --tiny                             # seconds (smoke test)
+    .venv/bin/python -m bench.overlap --docs docs/benchmarks.md          # ~3 min on 2 cores
+    .venv/bin/python -m bench.overlap --tiny                             # seconds (smoke test)
 
-The workers run under torchrun (2 processes, gloo over 127.0.0.1); this script launches them itself.
+The workers run under torchrun (2 processes, gloo over 127.0.0.1, `-m bench.overlap --worker`); this script
+launches them itself.
 """
 from __future__ import annotations
 
@@ -26,10 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import ROOT, TORCHRUN, load, write_result  # noqa: E402
+from bench._common import ROOT, TORCHRUN, load, write_result
+from dtrain.metrics import format_bytes
 
 SECTION = "## Overlap of layer collectives with backward (issue 9)"
 VARIANTS = (("overlap", True), ("after backward", False))
@@ -43,6 +42,7 @@ def worker(args: argparse.Namespace) -> None:
     from dtrain.config import load_config
     from dtrain.data import build_task
     from dtrain.model import build_model
+    from dtrain.optim import build_optimizer
     from dtrain.trainer import loss_fn
 
     dist.init_process_group("gloo")
@@ -60,8 +60,7 @@ def worker(args: argparse.Namespace) -> None:
             comm = cfg.comm.model_copy(update={"strategy": strategy, "overlap": overlap, "rank": args.rank})
             strat = build_strategy(comm)
             fwd = strat.attach(model)
-            strat.trace = []
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+            opt = build_optimizer(cfg.train, model)
             runs[label] = {"model": model, "fwd": fwd, "strategy": strat, "opt": opt, "steps": []}
         for step in range(args.steps):
             order = list(VARIANTS) if step % 2 == 0 else list(reversed(VARIANTS))
@@ -70,7 +69,6 @@ def worker(args: argparse.Namespace) -> None:
                 b = task.batch("train", step * B + rank * n, n)
                 dist.barrier()
                 strat = r["strategy"]
-                strat.trace.clear()
                 t0 = time.perf_counter()
                 logits = r["fwd"](b.tokens, b.mask)
                 loss = loss_fn(logits, b.targets, task.spec.targets_per_example)
@@ -82,9 +80,10 @@ def worker(args: argparse.Namespace) -> None:
                 r["opt"].step()
                 r["opt"].zero_grad(set_to_none=True)
                 t4 = time.perf_counter()
-                trace = [{"layer": e["layer"], "launch_ms": 1e3 * (e["launched"] - t2),
-                          "done_ms": 1e3 * ((e["done"] or t3) - t2), "in_backward": e["in_backward"],
-                          "bytes": e["bytes"]} for e in strat.trace]
+                # the scheduler's report of this step (empty when the step was not overlapped)
+                trace = [{"layer": e.layer, "launch_ms": 1e3 * (e.launched - t2),
+                          "done_ms": 1e3 * ((e.done or t3) - t2), "in_backward": e.in_backward,
+                          "bytes": e.bytes} for e in strat.scheduler.last_round.layers]
                 r["steps"].append({"forward_ms": 1e3 * (t1 - t0), "backward_ms": 1e3 * (t2 - t1),
                                    "sync_ms": 1e3 * (t3 - t2), "step_ms": 1e3 * (t4 - t0),
                                    "comm_blocked_ms": 1e3 * stats.time_s, "bytes": stats.bytes_sent,
@@ -112,7 +111,7 @@ def summarise(result: dict[str, Any], warmup: int) -> tuple[str, str]:
             launched = [sum(e["in_backward"] for e in st["trace"]) for st in s]
             n_layers = max((len(st["trace"]) for st in s), default=0)
             early = f"{med(launched):.0f} of {n_layers}" if label == "overlap" else "0 (by design)"
-            lines.append(f"| {strategy} | {label} | {s[0]['bytes'] / 1e3:.1f} KB | {med([x['backward_ms'] for x in s]):.1f} "
+            lines.append(f"| {strategy} | {label} | {format_bytes(s[0]['bytes'])} | {med([x['backward_ms'] for x in s]):.1f} "
                          f"| {med([x['sync_ms'] for x in s]):.1f} | {med([x['comm_blocked_ms'] for x in s]):.1f} "
                          f"| {med([x['step_ms'] for x in s]):.1f} | {early} | {'yes' if res['identical'] else 'NO'} |")
         s = res["runs"]["overlap"][warmup:] or res["runs"]["overlap"]
@@ -133,7 +132,7 @@ def summarise(result: dict[str, Any], warmup: int) -> tuple[str, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
@@ -154,7 +153,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
-        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(args.nproc), __file__, "--worker",
+        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(args.nproc), "-m", __spec__.name, "--worker",
                "--result", str(result_path), "--config", args.config, "--steps", str(args.steps),
                "--rank", str(args.rank), "--strategies", *args.strategies]
         if args.set:

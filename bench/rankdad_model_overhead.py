@@ -11,31 +11,27 @@ One process (world size 1, so no communication), one rank's share of the batch. 
 
 Reported: compress = synchronize time, as a share of the plain backward; and the net cost, (captured backward
 + compress) / plain backward − 1, since capture itself skips the weight-gradient products. Medians over rounds.
-Without CUDA the GPU sizes (BERT-base layers, d = 768, N = 8k…64k rows) are skipped; bench/rankdad_overhead.py
-covers them on a GPU machine.
+Without CUDA the GPU sizes (BERT-base layers, d = 768, N = 8k…64k rows) are skipped; `python -m
+bench.rankdad_overhead` covers them on a GPU machine.
 
-    .venv/bin/python bench/rankdad_model_overhead.py --docs docs/benchmarks.md     # ~1 min on 1 core
-    .venv/bin/python bench/rankdad_model_overhead.py --tiny
+    .venv/bin/python -m bench.rankdad_model_overhead --docs docs/benchmarks.md     # ~1 min on 1 core
+    .venv/bin/python -m bench.rankdad_model_overhead --tiny
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import ROOT, load, write_result  # noqa: E402
-from dtrain.compression import build_strategy  # noqa: E402
-from dtrain.config import load_config  # noqa: E402
-from dtrain.data import build_task  # noqa: E402
-from dtrain.model import build_model  # noqa: E402
-from dtrain.trainer import loss_fn  # noqa: E402
+from bench._common import ROOT, load, write_result
+from dtrain.compression import build_strategy
+from dtrain.config import load_config
+from dtrain.data import build_task
+from dtrain.model import build_model
+from dtrain.trainer import loss_fn
 
 SECTION = "## rank-dAD compression overhead on the benchmark model (issue 9)"
 TARGET = 0.10
@@ -49,7 +45,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")

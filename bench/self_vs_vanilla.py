@@ -1,12 +1,16 @@
 """SELF-Transformer (fixed-point attention) against a vanilla Transformer with identical parameters.
 
-Both models start from the same initial parameters (the vanilla model's, copied into the FPSA one), see the same
-training examples in the same order for the same number of steps, and are evaluated on the same held-out set.
-Single process, AdamW with linear warm-up and cosine decay (train.lr, train.warmup_steps, train.weight_decay,
-train.grad_clip). Reports held-out accuracy per seed, and for the FPSA model the solver iterations each held-out
-example needed per layer (until all its tokens stopped) against the example's difficulty, as a table and a plot.
+Each model is one run of the library's trainer (`dtrain.trainer.Trainer`, one process, world size 1): its loss,
+AdamW with linear warm-up and cosine decay (train.lr, train.warmup_steps, train.weight_decay, train.grad_clip) and
+its held-out evaluation, exactly as `dtrain train` does them. Both models start from the same initial parameters
+(the trainer builds both from train.seed = the --seeds value, and both attention layers draw the same projections
+in the same order; checked), see the same training examples in the same order for the same number of steps, and
+are evaluated on the same held-out set. Reports held-out accuracy per seed, and for the FPSA model the solver
+iterations each held-out example needed per layer (until all its tokens stopped) against the example's
+difficulty, as a table and a plot. Each run keeps its run directory (metrics.jsonl, summary.json, model.pt, ...)
+under --out.
 
-    .venv/bin/python bench/self_vs_vanilla.py --set data.task=listops data.seq_len=32 --seeds 0 1 \\
+    .venv/bin/python -m bench.self_vs_vanilla --set data.task=listops data.seq_len=32 --seeds 0 1 \\
         --docs docs/model.md --plot docs/img/fpsa_iters_vs_difficulty.png
 """
 from __future__ import annotations
@@ -15,24 +19,23 @@ import argparse
 import math
 import os
 import statistics
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dtrain.config import Config, dump_config, load_config  # noqa: E402
-from dtrain.data import IGNORE, Task, build_task  # noqa: E402
-from dtrain.model import SelfTransformer, build_model  # noqa: E402
-from fpsa_memory import machine, write_section  # noqa: E402
+from bench._common import command_line, machine, write_section
+from dtrain.config import Config, dump_config, load_config
+from dtrain.data import Task
+from dtrain.distributed import DistEnv, init_distributed, shutdown
+from dtrain.metrics import read_metrics
+from dtrain.model import SelfTransformer
+from dtrain.trainer import Trainer
 
 SECTION = "## Results: SELF vs vanilla"
-EVAL_BATCH = 256
+# before the user's --set: the one evaluation the comparison needs is the trainer's final one, and a benchmark
+# logs to its run directory only
+RUN_DEFAULTS = ["eval.every=0", "log.wandb=disabled", "log.progress=false"]
 
 
 @dataclass
@@ -41,80 +44,71 @@ class Run:
     seed: int
     accuracy: float  # over all labelled positions
     last_accuracy: float  # per-token tasks: at the last position only (the longest prefix); else = accuracy
-    seconds: float
+    seconds: float  # training steps only (the trainer's time/step_s, summed), evaluation excluded
     final_loss: float
-    fpsa_stats: dict[str, float]
+    fpsa_stats: dict[str, float]  # the fpsa/ metrics of the last training step, {} for vanilla
     example_iters: torch.Tensor  # int64 [n_layers, n_val] (FPSA), empty for vanilla
     difficulty: torch.Tensor  # int64 [n_val]
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE)
+def run_config(overrides: list[str], attention: str, seed: int, out: Path) -> Config:
+    """The user's settings for one run; learned_temperature is an FPSA parameter, so the vanilla run drops it."""
+    own = [f"model.attention={attention}", f"train.seed={seed}", f"run.dir={out / f'{attention}-s{seed}'}"]
+    if attention == "vanilla":
+        own.append("model.learned_temperature=false")
+    return load_config(None, [*RUN_DEFAULTS, *overrides, *own])
 
 
-def schedule(cfg: Config):
-    steps, warmup = cfg.train.steps, cfg.train.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.train.schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
-
-
-def train(cfg: Config, task: Task, initial: dict[str, torch.Tensor]) -> tuple[SelfTransformer, float, float]:
-    model = build_model(cfg, task.spec)
-    missing, unexpected = model.load_state_dict(initial, strict=False)
-    assert not unexpected and all("sigma_u" in k or "log_temperature" in k for k in missing), missing
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg))
-    batch_size = cfg.train.batch_size
-    start = time.perf_counter()
-    for step in range(cfg.train.steps):
-        b = task.batch("train", step * batch_size, batch_size)
-        loss = loss_fn(model(b.tokens, b.mask), b.targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-    return model, time.perf_counter() - start, loss.item()
+def check_same_start(model: SelfTransformer, initial: dict[str, torch.Tensor]) -> None:
+    """The comparison's premise: the FPSA model starts from the vanilla model's initial parameters. Checked, not
+    copied in: a copy would leave the FPSA model's spectral-norm vectors estimated for other weights."""
+    own = model.state_dict()
+    differ = [name for name, t in initial.items() if name not in own or not torch.equal(own[name], t)]
+    assert not differ, f"the FPSA model does not start from the vanilla model's parameters: {differ}"
 
 
 @torch.no_grad()
-def evaluate(model: SelfTransformer, task: Task, n_val: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+def probe_held_out(model: SelfTransformer, task: Task, cfg: Config,
+                   device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """What the trainer's evaluation does not break down: the accuracy at the last position, and per FPSA layer
+    the iterations each held-out example needed, with the examples' difficulties (same batches as evaluate)."""
     model.eval()
-    correct = total = last_correct = 0
-    iters, difficulty = [], []
-    fpsa = bool(model.fpsa_layers())
-    for start in range(0, n_val, EVAL_BATCH):
-        b = task.batch("val", start, min(EVAL_BATCH, n_val - start))
-        predicted = model(b.tokens, b.mask).argmax(dim=-1)
-        labelled = b.targets != IGNORE
-        correct += int((predicted == b.targets)[labelled].sum())
-        total += int(labelled.sum())
+    n_val, size = cfg.data.n_val, cfg.eval.batch_size
+    last_correct, iters, difficulty = 0, [], []
+    n_fpsa = len(model.fpsa_layers())
+    for start in range(0, n_val, size):
+        b = task.batch("val", start, min(size, n_val - start))
+        predicted = model(b.tokens.to(device), b.mask.to(device)).argmax(dim=-1).cpu()
         hit = predicted[:, -1] == b.targets[:, -1] if task.spec.per_token else predicted == b.targets
         last_correct += int(hit.sum())
         difficulty.append(b.difficulty)
-        if fpsa:
-            iters.append(torch.stack([model.fpsa_example_iters(i) for i in range(len(model.blocks))]))
-    model.train()
+        if n_fpsa:
+            iters.append(torch.stack([model.fpsa_example_iters(i).cpu() for i in range(n_fpsa)]))
     example_iters = torch.cat(iters, dim=1) if iters else torch.empty(0, dtype=torch.int64)
-    return correct / total, last_correct / n_val, example_iters, torch.cat(difficulty)
+    return last_correct / n_val, example_iters, torch.cat(difficulty)
 
 
-def run(cfg: Config, task: Task, attention: str, seed: int, initial: dict[str, torch.Tensor]) -> Run:
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.attention = attention
-    model, seconds, final_loss = train(cfg, task, initial)
-    stats = model.fpsa_stats()  # of the last training step
-    accuracy, last_accuracy, example_iters, difficulty = evaluate(model, task, cfg.data.n_val)
-    return Run(attention, seed, accuracy, last_accuracy, seconds, final_loss, stats, example_iters, difficulty)
+def train_and_measure(trainer: Trainer) -> Run:
+    summary = trainer.run()
+    last_step = [row for row in read_metrics(trainer.path) if "train/loss" in row][-1]
+    last_accuracy, example_iters, difficulty = probe_held_out(trainer.model, trainer.task, trainer.cfg,
+                                                              trainer.env.device)
+    return Run(attention=trainer.cfg.model.attention, seed=trainer.cfg.train.seed, accuracy=summary["final/val_acc"],
+               last_accuracy=last_accuracy, seconds=summary["time/step_s_mean"] * summary["steps"],
+               final_loss=last_step["train/loss"],
+               fpsa_stats={k: v for k, v in last_step.items() if k.startswith("fpsa/")},
+               example_iters=example_iters, difficulty=difficulty)
+
+
+def seed_pair(overrides: list[str], seed: int, out: Path, env: DistEnv) -> list[Run]:
+    """The vanilla and the FPSA run of one seed, from the same initial parameters."""
+    vanilla = Trainer(run_config(overrides, "vanilla", seed, out), env)
+    initial = {name: t.clone() for name, t in vanilla.model.state_dict().items()}
+    runs = [train_and_measure(vanilla)]
+    fpsa = Trainer(run_config(overrides, "fpsa", seed, out), env)
+    check_same_start(fpsa.model, initial)
+    runs.append(train_and_measure(fpsa))
+    return runs
 
 
 def difficulty_bins(difficulty: torch.Tensor, max_bins: int) -> list[tuple[int, int]]:
@@ -201,35 +195,33 @@ def report(cfg: Config, runs: list[Run], command: str, iters_table: str, plot_li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--bins", type=int, default=8, help="at most this many difficulty bins in the table")
     parser.add_argument("--docs", type=Path, help="replace the results section of this markdown file")
     parser.add_argument("--plot", type=Path, help="write the iterations-against-difficulty plot here (PNG)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/self_vs_vanilla"),
+                        help="run directories, one per attention and seed (ATTENTION-sSEED)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(None, args.set)
-    task = build_task(cfg.data)
-    command = "bench/self_vs_vanilla.py " + " ".join(sys.argv[1:])
     print(dump_config(cfg))
+    env = init_distributed()
     runs = []
     for seed in args.seeds:
-        torch.manual_seed(seed)
-        initial = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"attention": "vanilla", "learned_temperature": False})}), task.spec).state_dict()
-        for attention in ("vanilla", "fpsa"):
-            r = run(cfg, task, attention, seed, initial)
-            print(f"seed {seed} {attention}: accuracy {r.accuracy:.4f} last {r.last_accuracy:.4f} "
+        for r in seed_pair(args.set, seed, args.out, env):
+            print(f"seed {seed} {r.attention}: accuracy {r.accuracy:.4f} last {r.last_accuracy:.4f} "
                   f"loss {r.final_loss:.4f} {r.seconds:.0f}s {r.fpsa_stats}", flush=True)
             runs.append(r)
+    shutdown()
     table, rows = iteration_table([r for r in runs if r.attention == "fpsa"], args.bins)
-    if args.plot:
-        plot(rows, args.plot, f"{cfg.data.task}, seq_len {cfg.data.seq_len}: FPSA iterations vs difficulty")
     plot_link = None
     if args.plot:
+        plot(rows, args.plot, f"{cfg.data.task}, seq_len {cfg.data.seq_len}: FPSA iterations vs difficulty")
         plot_link = os.path.relpath(args.plot, args.docs.parent if args.docs else Path.cwd())
-    text = report(cfg, runs, ".venv/bin/python " + command, table, plot_link)
+    text = report(cfg, runs, command_line(), table, plot_link)
     print(text)
     if args.docs:
         write_section(args.docs, text, intro="# Model\n")

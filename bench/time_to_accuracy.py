@@ -10,8 +10,8 @@ communication time per step (`comm/time_s`: time inside collectives) against wir
 for strategies whose collectives run after backward (so that the measured time is transfer time, not time
 hidden behind backward); the same short runs give the step time with and without `comm.overlap`.
 
-    sudo .venv/bin/python bench/time_to_accuracy.py --docs docs/benchmarks.md          # ~30 min on 2 cores
-    sudo .venv/bin/python bench/time_to_accuracy.py --tiny                             # ~1 min (smoke test)
+    sudo .venv/bin/python -m bench.time_to_accuracy --docs docs/benchmarks.md          # ~30 min on 2 cores
+    sudo .venv/bin/python -m bench.time_to_accuracy --tiny                             # ~1 min (smoke test)
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from bench._common import command_line, launch_script, load_note, machine, train_run, write_section
+from dtrain.metrics import format_bytes
 
-from _common import command_line, fmt_bytes, load_note, machine, train_run, write_section  # noqa: E402
-from netns_cluster import rate_bits  # noqa: E402  (the link cap the cluster applies, parsed the same way)
+rate_bits = launch_script("netns_cluster").rate_bits  # the link cap the cluster applies, parsed the same way
 
 SECTION = "## Time to accuracy over a shaped link, and communication efficiency (issue 9)"
 TTA_VARIANTS: dict[str, list[str]] = {
@@ -79,7 +77,7 @@ def netns_counters(run_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
@@ -145,7 +143,7 @@ def main() -> None:
     for r in tta_rows:
         speed = (f"{ddp['secs'] / r['secs']:.2f}×" if ddp and ddp["secs"] and r["secs"] else "—")
         secs = f"{r['secs']:.1f}" if r["secs"] is not None else "not reached"
-        lines.append(f"| {r['label']} | {fmt_bytes(r['bytes'])} | {fmt_bytes(r['wire'])} | {r['step_s']:.3f} "
+        lines.append(f"| {r['label']} | {format_bytes(r['bytes'])} | {format_bytes(r['wire'])} | {r['step_s']:.3f} "
                      f"| {r['step'] if r['step'] is not None else '—'} | {secs} | {speed} | {r['acc']:.3f} |")
     tta_table = "\n".join(lines)
     verdicts = []
@@ -167,8 +165,8 @@ def main() -> None:
         overlapped = "overlap on" in r["label"]
         ok = ("n/a (overlapped: time blocked, not transfer time)" if overlapped
               else ("met" if ratio <= 1.3 else f"not met ({ratio / 1.3:.2f}× over)"))
-        lines.append(f"| {r['label']} | {fmt_bytes(r['wire'])} | {1e3 * r['ideal_s']:.1f} | {1e3 * r['comm_s']:.1f} "
-                     f"| {ratio:.2f}× | {ok} | {fmt_bytes(r['tx_per_step'])} | {1e3 * r['step_s']:.0f} |")
+        lines.append(f"| {r['label']} | {format_bytes(r['wire'])} | {1e3 * r['ideal_s']:.1f} | {1e3 * r['comm_s']:.1f} "
+                     f"| {ratio:.2f}× | {ok} | {format_bytes(r['tx_per_step'])} | {1e3 * r['step_s']:.0f} |")
     eff_table = "\n".join(lines)
     print(tta_table, "\n".join(verdicts), eff_table, sep="\n\n")
     if args.docs:

@@ -113,6 +113,7 @@ class LayerScheduler:
     # ------------------------------------------------------------------ without overlap
     def collect(self) -> list[LayerStep]:
         """Take every capture's pairs and exchange (rows, extra-dense flag) of all layers in one collective."""
+        self.last_round = RoundReport()  # this step is not overlapped
         captures = self.captures()
         if not captures:
             return []
