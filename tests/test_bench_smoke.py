@@ -5,11 +5,12 @@ The real benchmarks take minutes to an hour and are not part of any test suite; 
 scripts still run end to end against the current code (and that their pure helpers compute what they say).
 The netns time-to-accuracy run needs root and ~1 minute: marked slow and root.
 """
-from __future__ import re
-import annotations
+from __future__ import annotations
+
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
