@@ -21,28 +21,20 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import faults
 from .config import ConfigError
+from .distributed import barrier, broadcast_
 from .rundir import write_json_atomic
 
 _PREFIX = "step_"
-
-
-@dataclass
-class Restored:
-    step: int
-    meta: dict[str, Any]
-    path: Path
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,19 +98,6 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _broadcast_int(value: int) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.broadcast(t, src=0)
-    return int(t.item())
-
-
 class Checkpointer:
     def __init__(self, root: Path, rank: int, world_size: int, keep: int = 2,
                  warn: Callable[[str], None] = print) -> None:
@@ -137,7 +116,7 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        _barrier()
+        barrier()
         state_format = _state_format(engine)
         if state_format == "dcp":
             model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -146,7 +125,7 @@ class Checkpointer:
             engine.save_state(partial)
         torch.save(local_state, partial / f"rank{self.rank}.pt")
         faults.fire("checkpoint", step, self.rank)
-        _barrier()
+        barrier()
         if self.rank == 0:
             full_meta = dict(meta, step=step, world_size=self.world_size, state_format=state_format,
                              manifest=_manifest(partial))
@@ -162,7 +141,7 @@ class Checkpointer:
                 os.replace(partial, final)
             _fsync_dir(self.root)
             self._prune()
-        _barrier()
+        barrier()
         return final
 
     def _prune(self) -> None:
@@ -182,7 +161,7 @@ class Checkpointer:
                     chosen = int(path.name[len(_PREFIX):])
                     break
                 self.warn(f"checkpoint {path} is unusable ({reason}); trying the previous one")
-        chosen = _broadcast_int(chosen)
+        chosen = int(broadcast_(torch.tensor([chosen], dtype=torch.int64), src=0).item())
         return None if chosen < 0 else self.root / f"{_PREFIX}{chosen:08d}"
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -51,13 +51,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="run a grid of runs (strategies x ranks x seeds)")
     r = sub.add_parser("report", help="bandwidth-vs-accuracy report from run directories")
-    try:
-        from . import report, sweep
+    from . import report, sweep
 
-        sweep.add_arguments(s)
-        report.add_arguments(r)
-    except ImportError:  # pragma: no cover - only while the report package is absent
-        pass
+    sweep.add_arguments(s)
+    report.add_arguments(r)
     for q in (s, r):
         q.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -119,7 +116,8 @@ def cmd_info() -> int:
     if torch.cuda.is_available():
         for d in range(torch.cuda.device_count()):
             prop = torch.cuda.get_device_properties(d)
-            print(f"cuda:{d}     {prop.name}, {prop.total_memory / 2**30:.1f} GiB, capability {prop.major}.{prop.minor}")
+            memory_gib = prop.total_memory / 2**30
+            print(f"cuda:{d}     {prop.name}, {memory_gib:.1f} GiB, capability {prop.major}.{prop.minor}")
     else:
         print("cuda       no GPU visible (training runs on the CPU with gloo)")
     return 0

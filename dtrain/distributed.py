@@ -1,5 +1,6 @@
-"""Process-group set-up for every way dtrain is launched.
+"""Process-group set-up for every way dtrain is launched, the control collectives, and rank liveness.
 
+Process groups:
 - plain `dtrain train` (no launcher): a world-size-1 gloo group on an in-memory store, so every strategy
   (DDP included) runs the same code path at world size 1;
 - torchrun / `python -m torch.distributed.run`: RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment;
@@ -12,7 +13,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,13 +70,85 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------- control collectives
+# Every collective outside the gradient strategies (which go through compression.Comm) is one of the functions
+# below: small control messages (flags, eval sums, checkpoint choice, replica checksums). Each is a no-op, or
+# the identity, at world size 1 and without a process group. A test (tests/unit/test_collective_gate.py) keeps
+# every other module from calling torch.distributed collectives itself.
+
+
+def group_world_size() -> int:
+    """Ranks in the default process group; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _collective_device() -> torch.device:
+    """Where the default group's backend takes tensors: the CPU when it has a CPU backend (gloo,
+    "cpu:gloo,cuda:nccl"), else the current CUDA device (nccl, or a CUDA-only group such as "cuda:gloo")."""
+    device_types = {spec.split(":")[0] for spec in dist.get_backend_config().split(",")}
+    if "cpu" in device_types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _in_place_on_collective_device(t: torch.Tensor, collective: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    """Run `collective` on `t` where the backend needs it, leaving the result in `t` on the caller's device."""
+    device = _collective_device()
+    if t.device == device:
+        collective(t)
+        return t
+    moved = t.to(device)
+    collective(moved)
+    return t.copy_(moved)
+
+
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    if group_world_size() == 1:
+        return t
+    return _in_place_on_collective_device(t, lambda x: dist.all_reduce(x, op=op))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks, in place; returns `t`."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of `t` over ranks, in place; returns `t`."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
+
+
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum of `t` over ranks, in place; returns `t`."""
+    return _all_reduce(t, dist.ReduceOp.MIN)
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `t` with rank `src`'s `t`; returns `t`."""
+    if group_world_size() == 1:
+        return t
+    return _in_place_on_collective_device(t, lambda x: dist.broadcast(x, src=src))
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order ([obj] at world size 1). torch picks the object collective's
+    device from the backend itself."""
+    if group_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait until every rank got here."""
+    if group_world_size() > 1:
+        dist.barrier()
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """True when `flag` is True on every rank (a 1-int MAX all-reduce of `not flag`)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item()) == 0
+    return int(all_reduce_max(torch.tensor([0 if flag else 1], dtype=torch.int32)).item()) == 0
 
 
 class PeerUnresponsive(RuntimeError):

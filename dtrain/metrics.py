@@ -1,14 +1,114 @@
-"""Metric names, and the two ways of reading them back: the run directory's metrics.jsonl, and byte figures
-formatted for people.
+"""Metric names, what a model reports about itself, and the two ways of reading metrics back: the run
+directory's metrics.jsonl, and byte figures formatted for people.
 
-Every metric name the trainer writes is a constant here; the report, the benchmarks and the tests import
-them, so a name is spelled once. docs/outputs.md lists them: a public interface (add, do not rename).
+Every metric name and summary key the trainer writes is a constant here; the trainer, the report, the tracker
+and the tests import them, so a name is spelled once. docs/outputs.md lists them: a public interface (add, do
+not rename). Per-layer names are templates, filled with `.format(layer=...)`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+# ---------------------------------------------------------------------------------------------- files
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+# ---------------------------------------------------------------------------------------------- every row
+STEP = "step"
+
+# ---------------------------------------------------------------------------------------------- training rows
+TRAIN_PREFIX = "train/"
+TRAIN_LOSS = "train/loss"
+COMM_BYTES_SENT = "comm/bytes_sent"
+COMM_BYTES_CUM = "comm/bytes_cum"  # also in eval rows: the communication axis of the accuracy curves
+COMM_BYTES_RECV = "comm/bytes_recv"
+COMM_WIRE_BYTES = "comm/wire_bytes"
+COMM_TIME_S = "comm/time_s"
+TIME_STEP_S = "time/step_s"
+LR = "lr"
+GRAD_NORM = "grad_norm"
+SKIPPED = "skipped"
+
+# FPSA's own statistics of its last forward (SelfTransformer.step_statistics)
+FPSA_ITERS_MEAN = "fpsa/iters_mean"
+FPSA_CONVERGED_FRAC = "fpsa/converged_frac"
+FPSA_ITERS_LAYER = "fpsa/iters_l{layer}"
+FPSA_LOOP_LAYER = "fpsa/loop_l{layer}"
+FPSA_ADJ_ITERS_LAYER = "fpsa/adj_iters_l{layer}"
+FPSA_ADJ_RESIDUAL_LAYER = "fpsa/adj_residual_l{layer}"
+FPSA_ADJ_DIVERGED_LAYER = "fpsa/adj_diverged_l{layer}"
+FPSA_ADJ_DAMPED_LAYER = "fpsa/adj_damped_l{layer}"
+
+# rank-dAD's spectrum of the captured gradients (CommStats.extra); `layer` is the layer's name
+RANKDAD_PREFIX = "rankdad/"
+RANKDAD_SIGMA = "rankdad/{layer}/sigma{j}"
+RANKDAD_EFF_RANK = "rankdad/{layer}/eff_rank"
+
+# ---------------------------------------------------------------------------------------------- eval rows
+VAL_PREFIX = "val/"
+VAL_LOSS = "val/loss"
+VAL_ACC = "val/acc"
+# mean over difficulties of the iterations per example; the name predates the protocol below and is public
+VAL_EXAMPLE_ITERS_MEAN = "val/fpsa_iters_mean"
+
+# ---------------------------------------------------------------------------------------------- summary.json
+PARAMS = "params"
+WORLD_SIZE = "world_size"
+STRATEGY = "strategy"
+STEPS = "steps"
+TASK = "task"
+ATTENTION = "attention"
+COMM_RANK = "comm_rank"
+SEED = "seed"
+ENGINE = "engine"
+FINAL_VAL_ACC = "final/val_acc"
+FINAL_VAL_LOSS = "final/val_loss"
+COMM_BYTES_TOTAL = "comm/bytes_total"
+COMM_BYTES_PER_STEP = "comm/bytes_per_step"
+COMM_WIRE_BYTES_PER_STEP = "comm/wire_bytes_per_step"
+COMM_ALLREDUCE_BYTES_PER_STEP = "comm/allreduce_bytes_per_step"
+COMPRESSION_RATIO = "compression_ratio"
+COMM_TIME_PER_STEP_S = "comm/time_per_step_s"
+TIME_STEP_S_MEAN = "time/step_s_mean"
+TIME_COMPUTE_S_PER_STEP = "time/compute_s_per_step"
+SKIPPED_STEPS = "skipped_steps"
+WALL_S = "wall_s"
+# iterations per example by task difficulty (a public name from when only FPSA reported them)
+EXAMPLE_ITERS_BY_DIFFICULTY = "fpsa/iters_by_difficulty"
+VAL_ACC_BY_DIFFICULTY = "val/acc_by_difficulty"
+
+# ---------------------------------------------------------------------------------------------- wandb only
+BYTES_VS_ACCURACY = "bytes_vs_accuracy"  # the tracker's table of (step, comm/bytes_cum, val/acc)
+
+
+@runtime_checkable
+class ReportsStatistics(Protocol):
+    """A model that reports its own statistics, so the trainer logs them without knowing what they mean.
+
+    step_statistics: metric name -> value for the last training forward (logged in that step's row; {} when
+        there is nothing to say).
+    example_iterations: float [B] on any device, the adaptive computation each example of the last forward
+        needed (iterations, mean over layers), or None when the model does not adapt its computation.
+    """
+
+    def step_statistics(self) -> dict[str, float]: ...
+
+    def example_iterations(self) -> Optional["torch.Tensor"]: ...
+
+
+def step_statistics(model: object) -> dict[str, float]:
+    """The model's own statistics of its last training forward ({} for a model that reports none)."""
+    return model.step_statistics() if isinstance(model, ReportsStatistics) else {}
+
+
+def example_iterations(model: object) -> Optional["torch.Tensor"]:
+    """Per-example iterations of the model's last forward, None for a model without adaptive computation."""
+    return model.example_iterations() if isinstance(model, ReportsStatistics) else None
 
 
 def format_bytes(n: float) -> str:
@@ -19,21 +119,26 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+class MetricsLineError(ValueError):
+    """A complete line of metrics.jsonl (not the last one) is not JSON; the message names the line."""
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every row of a run directory's metrics.jsonl, in order ([] when there is none yet). A last line cut short
-    by a crash is skipped: every complete line before it is returned."""
-    path = Path(run_dir) / "metrics.jsonl"
+    by a crash is skipped: every complete line before it is returned. Values are as written: NaN and ±Inf are
+    the strings 'nan', 'inf', '-inf'."""
+    path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     rows = []
     lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            if number == len(lines):
                 break
-            raise
+            raise MetricsLineError(f"{METRICS_FILE} line {number} is not valid JSON") from None
     return rows

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, dump_config
+from .metrics import METRICS_FILE, STEP, SUMMARY_FILE, read_metrics
 
 
 def default_run_dir(cfg: Config, config_path: str | None, world_size: int) -> Path:
@@ -51,6 +52,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _metrics_line(row: dict[str, Any]) -> str:
+    """One row of metrics.jsonl (dtrain.metrics.read_metrics reads it back)."""
+    return json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
+
+
 class RunDir:
     def __init__(self, path: Path, active: bool) -> None:
         self.path = path
@@ -67,36 +73,29 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(dump_config(cfg))
         if not resume:
-            for stale in ("metrics.jsonl", "summary.json", "model.pt"):
+            for stale in (METRICS_FILE, SUMMARY_FILE, "model.pt"):
                 (self.path / stale).unlink(missing_ok=True)
-        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+        self._metrics = open(self.path / METRICS_FILE, "a", buffering=1)
 
     def truncate_metrics_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint, so each step appears once."""
+        """On resume: drop rows logged after the checkpoint (and a last line cut short by the crash), so each step
+        appears once."""
         if not self.active:
             return
-        path = self.path / "metrics.jsonl"
         if self._metrics:
             self._metrics.close()
-        rows = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if row.get("step", 0) <= step:
-                    rows.append(line)
-        path.write_text("".join(r + "\n" for r in rows))
+        kept = [row for row in read_metrics(self.path) if row.get(STEP, 0) <= step]
+        path = self.path / METRICS_FILE
+        path.write_text("".join(_metrics_line(row) for row in kept))
         self._metrics = open(path, "a", buffering=1)
 
     def log(self, row: dict[str, Any]) -> None:
         if self._metrics is not None:
-            self._metrics.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            self._metrics.write(_metrics_line(row))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.active:
-            write_json_atomic(self.path / "summary.json", summary)
+            write_json_atomic(self.path / SUMMARY_FILE, summary)
 
     def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
         if self.active:

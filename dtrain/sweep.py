@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .config import (EXACT_STRATEGIES, STRATEGIES, Config, ConfigError, apply_overrides, config_from_dict,
                      load_yaml)
+from .metrics import SUMMARY_FILE
 from .report.timemodel import parse_link_rate
 
 # The network-namespace cluster that runs each rank behind a shaped link (needs root).
@@ -217,7 +218,7 @@ def run_sweep(sweep: Sweep, wandb_mode: str, launcher: Launcher = run_logged) ->
     progress = tqdm(sweep.points, desc="sweep", unit="run")
     for point in progress:
         run_dir = sweep.out / point.name
-        if (run_dir / "summary.json").is_file():
+        if (run_dir / SUMMARY_FILE).is_file():
             outcome.skipped.append(point.name)
             continue
         progress.set_postfix_str(point.name)
@@ -227,10 +228,10 @@ def run_sweep(sweep: Sweep, wandb_mode: str, launcher: Launcher = run_logged) ->
         (run_dir / "sweep.json").write_text(json.dumps({**asdict(point), "command": argv}, indent=1) + "\n")
         log = run_dir / "train.log"
         status = launcher(argv, log)
-        if status == 0 and (run_dir / "summary.json").is_file():
+        if status == 0 and (run_dir / SUMMARY_FILE).is_file():
             outcome.trained.append(point.name)
         else:
-            why = f"exit status {status}" if status else "exited 0 without writing summary.json"
+            why = f"exit status {status}" if status else f"exited 0 without writing {SUMMARY_FILE}"
             tqdm.write(f"FAILED {point.name}: {why}; log: {log}")
             outcome.failed.append((point.name, log))
     return outcome
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace, launcher: Launcher = run_logged) -> int:
     if args.dry_run:
         for point in sweep.points:
             run_dir = sweep.out / point.name
-            done = "# done (summary.json exists): " if (run_dir / "summary.json").is_file() else ""
+            done = f"# done ({SUMMARY_FILE} exists): " if (run_dir / SUMMARY_FILE).is_file() else ""
             print(done + shlex.join(train_command(sweep, point, run_dir, args.wandb)))
         return 0
     check_netns_cluster(sweep)

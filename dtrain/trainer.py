@@ -1,6 +1,7 @@
 """The training loop: build, shard, forward, backward, strategy sync, step, evaluate, log, checkpoint.
 
-It knows nothing about how gradients are communicated (`Strategy`) or who runs the step (`Engine`).
+It knows nothing about how gradients are communicated (`Strategy`), who runs the step (`Engine`) or what the
+model computes inside (it logs what the model reports about itself: `dtrain.metrics.ReportsStatistics`).
 
 World-size invariance: at step t the global batch is examples [t*B, (t+1)*B) of the training stream whatever
 the world size, rank r takes the contiguous slice r*B/S ... (r+1)*B/S, and each rank's loss is its summed loss
@@ -14,21 +15,21 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import faults
+from . import faults, metrics
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .compression import build_strategy, fp32_allreduce_bytes
 from .config import Config, ConfigError
 from .data import build_task
-from .distributed import DistEnv, Heartbeat, PeerUnresponsive, all_ranks_agree, is_comm_failure
+from .distributed import (DistEnv, Heartbeat, PeerUnresponsive, all_gather_objects, all_ranks_agree, all_reduce_sum,
+                          is_comm_failure)
 from .engine import build_engine
+from .metrics import example_iterations, format_bytes, step_statistics
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .replicas import ReplicaMismatch, check_replicas
@@ -38,14 +39,6 @@ from .tracking import Tracker
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, targets_per_example: int) -> torch.Tensor:
@@ -67,8 +60,19 @@ def _split(n: int, parts: int, index: int) -> tuple[int, int]:
 class EvalResult:
     loss: float
     acc: float
-    iters_by_difficulty: dict[int, float] = field(default_factory=dict)
+    iters_by_difficulty: dict[int, float] = field(default_factory=dict)  # {} for a model without adaptive compute
     acc_by_difficulty: dict[int, float] = field(default_factory=dict)
+
+
+def _example_rows(difficulty: torch.Tensor, iters: Optional[torch.Tensor], hits: torch.Tensor,
+                  valid: torch.Tensor) -> torch.Tensor:
+    """[B, 4] CPU rows (difficulty, iterations, correct, targets) of one eval batch; iterations 0 when the model
+    reported none."""
+    dims = tuple(range(1, hits.dim()))
+    ex_hits = hits.sum(dims) if dims else hits
+    ex_valid = valid.sum(dims) if dims else valid
+    ex_iters = iters.float().cpu() if iters is not None else torch.zeros(len(difficulty))
+    return torch.stack([difficulty.float(), ex_iters, ex_hits.float().cpu(), ex_valid.float().cpu()], dim=1)
 
 
 @torch.no_grad()
@@ -76,9 +80,10 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
     was_training = model.training
     model.eval()
     start, end = _split(cfg.data.n_val, env.world_size, env.rank)
-    # sums: loss, correct, targets counted; per difficulty: (difficulty, iterations, correct, targets)
+    # sums: loss, correct, targets counted; per example: (difficulty, iterations, correct, targets)
     loss_sum = correct = counted = 0.0
     per_example: list[torch.Tensor] = []
+    adaptive = False
     for lo in range(start, end, cfg.eval.batch_size):
         b = task.batch("val", lo, min(cfg.eval.batch_size, end - lo))
         tokens, mask, targets = b.tokens.to(env.device), b.mask.to(env.device), b.targets.to(env.device)
@@ -89,21 +94,11 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         hits = (logits.argmax(-1) == targets) & valid
         correct += hits.sum().item()
         counted += valid.sum().item()
-        dims = tuple(range(1, targets.dim()))
-        ex_hits = hits.sum(dims) if dims else hits
-        ex_valid = valid.sum(dims) if dims else valid
-        # FPSA: iterations each example needed, as the mean over layers
-        iters = (model.fpsa_example_iters().float().cpu() / len(model.fpsa_layers())
-                 if cfg.model.attention == "fpsa" else torch.zeros(len(tokens)))
-        per_example.append(torch.stack([b.difficulty.float(), iters, ex_hits.float().cpu(),
-                                        ex_valid.float().cpu()], dim=1))
-    totals = torch.tensor([loss_sum, correct, counted], dtype=torch.float64)
-    rows = torch.cat(per_example) if per_example else torch.zeros(0, 4)
-    if env.world_size > 1:
-        dist.all_reduce(totals)
-        gathered: list[Any] = [None] * env.world_size
-        dist.all_gather_object(gathered, rows)
-        rows = torch.cat(gathered)
+        iters = example_iterations(model)
+        adaptive = iters is not None
+        per_example.append(_example_rows(b.difficulty, iters, hits, valid))
+    totals = all_reduce_sum(torch.tensor([loss_sum, correct, counted], dtype=torch.float64))
+    rows = torch.cat(all_gather_objects(torch.cat(per_example) if per_example else torch.zeros(0, 4)))
     model.train(was_training)
     by_iters: dict[int, float] = {}
     by_acc: dict[int, float] = {}
@@ -111,9 +106,8 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         sel = rows[rows[:, 0] == d]
         by_iters[d] = float(sel[:, 1].mean())
         by_acc[d] = float(sel[:, 2].sum() / sel[:, 3].sum().clamp(min=1))
-    has_fpsa = cfg.model.attention == "fpsa"
     return EvalResult(loss=float(totals[0] / max(totals[2], 1)), acc=float(totals[1] / max(totals[2], 1)),
-                      iters_by_difficulty=by_iters if has_fpsa else {}, acc_by_difficulty=by_acc)
+                      iters_by_difficulty=by_iters if adaptive else {}, acc_by_difficulty=by_acc)
 
 
 def _grads_finite(model: torch.nn.Module) -> bool:
@@ -227,8 +221,8 @@ class Trainer:
                 if self._due(cfg.train.consistency_every, done):
                     check_replicas(self.model)
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['train/loss']:.4f}", sent=human_bytes(row["comm/bytes_sent"]) + "/step",
-                                refresh=False)
+                bar.set_postfix(loss=f"{row[metrics.TRAIN_LOSS]:.4f}",
+                                sent=format_bytes(row[metrics.COMM_BYTES_SENT]) + "/step", refresh=False)
             last_eval = self._eval_row(cfg.train.steps, totals, tracker)
             self._save(cfg.train.steps, totals)
         except BaseException as err:
@@ -248,12 +242,12 @@ class Trainer:
         self.rundir.write_summary(summary)
         tracker.finish(summary)
         self.rundir.close()
-        ratio = summary["compression_ratio"]
+        ratio = summary[metrics.COMPRESSION_RATIO]
         versus = ("as many bytes as" if round(ratio, 1) == 1.0 else
                   f"{ratio:.1f}x fewer bytes than" if ratio > 1 else f"{1 / ratio:.1f}x MORE bytes than")
-        self.say(f"done: {cfg.train.steps} steps | val acc {summary['final/val_acc']:.4f} | "
-                 f"{human_bytes(summary['comm/bytes_per_step'])}/step sent ({versus} fp32 all-reduce) | "
-                 f"{summary['wall_s']:.1f} s | {self.path}")
+        self.say(f"done: {cfg.train.steps} steps | val acc {summary[metrics.FINAL_VAL_ACC]:.4f} | "
+                 f"{format_bytes(summary[metrics.COMM_BYTES_PER_STEP])}/step sent ({versus} fp32 all-reduce) | "
+                 f"{summary[metrics.WALL_S]:.1f} s | {self.path}")
         self.strategy.close()
         self.engine.close()
         return summary
@@ -270,10 +264,8 @@ class Trainer:
         stats = self.strategy.synchronize()
         # One small all-reduce: the global mean loss for the log, and whether any rank saw NaN/Inf, so all
         # ranks take the same decision and no rank ever applies a partial update.
-        flags = torch.tensor([loss.item(), 0.0 if math.isfinite(loss.item()) and _grads_finite(self.model) else 1.0],
-                             dtype=torch.float64)
-        if env.world_size > 1:
-            dist.all_reduce(flags)
+        finite = math.isfinite(loss.item()) and _grads_finite(self.model)
+        flags = all_reduce_sum(torch.tensor([loss.item(), 0.0 if finite else 1.0], dtype=torch.float64))
         global_loss, bad = flags[0].item() / env.world_size, flags[1].item() > 0
         grad_norm = float("nan")
         if bad:
@@ -296,22 +288,21 @@ class Trainer:
         totals["step_s"] += step_s
         totals["steps_timed"] += 1
         row: dict[str, Any] = {
-            "step": step + 1, "train/loss": global_loss, "comm/bytes_sent": stats.bytes_sent,
-            "comm/bytes_cum": int(totals["bytes"]), "comm/bytes_recv": stats.bytes_recv,
-            "comm/wire_bytes": stats.wire_bytes, "comm/time_s": stats.time_s, "time/step_s": step_s,
-            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm, "skipped": bad,
+            metrics.STEP: step + 1, metrics.TRAIN_LOSS: global_loss, metrics.COMM_BYTES_SENT: stats.bytes_sent,
+            metrics.COMM_BYTES_CUM: int(totals["bytes"]), metrics.COMM_BYTES_RECV: stats.bytes_recv,
+            metrics.COMM_WIRE_BYTES: stats.wire_bytes, metrics.COMM_TIME_S: stats.time_s, metrics.TIME_STEP_S: step_s,
+            metrics.LR: self.optimizer.param_groups[0]["lr"], metrics.GRAD_NORM: grad_norm, metrics.SKIPPED: bad,
         }
-        if hasattr(self.model, "fpsa_stats"):
-            row.update(self.model.fpsa_stats())
+        row.update(step_statistics(self.model))
         row.update(stats.extra)
         return row
 
     def _eval_row(self, step: int, totals: dict[str, float], tracker: Tracker) -> EvalResult:
         res = evaluate(self.model, self.task, self.cfg, self.env)
-        row: dict[str, Any] = {"step": step, "val/loss": res.loss, "val/acc": res.acc,
-                               "comm/bytes_cum": int(totals["bytes"])}
+        row: dict[str, Any] = {metrics.STEP: step, metrics.VAL_LOSS: res.loss, metrics.VAL_ACC: res.acc,
+                               metrics.COMM_BYTES_CUM: int(totals["bytes"])}
         if res.iters_by_difficulty:
-            row["val/fpsa_iters_mean"] = sum(res.iters_by_difficulty.values()) / len(res.iters_by_difficulty)
+            row[metrics.VAL_EXAMPLE_ITERS_MEAN] = sum(res.iters_by_difficulty.values()) / len(res.iters_by_difficulty)
         self.rundir.log(row)
         tracker.log(row)
         return res
@@ -322,22 +313,23 @@ class Trainer:
         timed = max(totals["steps_timed"], 1)
         per_step = totals["bytes"] / steps
         summary: dict[str, Any] = {
-            "params": self.params, "world_size": self.env.world_size, "strategy": cfg.comm.strategy,
-            "steps": steps, "task": cfg.data.task, "attention": cfg.model.attention, "comm_rank": cfg.comm.rank,
-            "seed": cfg.train.seed, "engine": cfg.train.engine,
-            "final/val_acc": ev.acc if ev else float("nan"), "final/val_loss": ev.loss if ev else float("nan"),
-            "comm/bytes_total": int(totals["bytes"]), "comm/bytes_per_step": per_step,
-            "comm/wire_bytes_per_step": totals["wire"] / steps,
-            "comm/allreduce_bytes_per_step": self.allreduce_bytes,
-            "compression_ratio": self.allreduce_bytes / per_step if per_step else float("inf"),
-            "comm/time_per_step_s": totals["comm_s"] / timed, "time/step_s_mean": totals["step_s"] / timed,
-            "time/compute_s_per_step": (totals["step_s"] - totals["comm_s"]) / timed,
-            "skipped_steps": int(totals["skipped"]), "wall_s": wall_s,
+            metrics.PARAMS: self.params, metrics.WORLD_SIZE: self.env.world_size, metrics.STRATEGY: cfg.comm.strategy,
+            metrics.STEPS: steps, metrics.TASK: cfg.data.task, metrics.ATTENTION: cfg.model.attention,
+            metrics.COMM_RANK: cfg.comm.rank, metrics.SEED: cfg.train.seed, metrics.ENGINE: cfg.train.engine,
+            metrics.FINAL_VAL_ACC: ev.acc if ev else float("nan"),
+            metrics.FINAL_VAL_LOSS: ev.loss if ev else float("nan"),
+            metrics.COMM_BYTES_TOTAL: int(totals["bytes"]), metrics.COMM_BYTES_PER_STEP: per_step,
+            metrics.COMM_WIRE_BYTES_PER_STEP: totals["wire"] / steps,
+            metrics.COMM_ALLREDUCE_BYTES_PER_STEP: self.allreduce_bytes,
+            metrics.COMPRESSION_RATIO: self.allreduce_bytes / per_step if per_step else float("inf"),
+            metrics.COMM_TIME_PER_STEP_S: totals["comm_s"] / timed, metrics.TIME_STEP_S_MEAN: totals["step_s"] / timed,
+            metrics.TIME_COMPUTE_S_PER_STEP: (totals["step_s"] - totals["comm_s"]) / timed,
+            metrics.SKIPPED_STEPS: int(totals["skipped"]), metrics.WALL_S: wall_s,
         }
         if ev and ev.iters_by_difficulty:
-            summary["fpsa/iters_by_difficulty"] = {str(k): v for k, v in ev.iters_by_difficulty.items()}
+            summary[metrics.EXAMPLE_ITERS_BY_DIFFICULTY] = {str(k): v for k, v in ev.iters_by_difficulty.items()}
         if ev and ev.acc_by_difficulty:
-            summary["val/acc_by_difficulty"] = {str(k): v for k, v in ev.acc_by_difficulty.items()}
+            summary[metrics.VAL_ACC_BY_DIFFICULTY] = {str(k): v for k, v in ev.acc_by_difficulty.items()}
         return summary
 
 

@@ -18,11 +18,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir: str, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         result: Any = fn(rank, world, *args)
         torch.save({"ok": result}, os.path.join(out_dir, f"{rank}.pt"))
@@ -33,11 +33,11 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
-    """fn(rank, world, *args) on `world` spawned processes; returns the per-rank results (must be picklable
-    by torch.save). `fn` must be a module-level function."""
+def run_ranks(fn: Callable, world: int, *args: Any, backend: str = "gloo") -> list[Any]:
+    """fn(rank, world, *args) on `world` spawned processes of a `backend` process group; returns the per-rank
+    results (must be picklable by torch.save). `fn` must be a module-level function."""
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, free_port(), fn, args, out, backend), nprocs=world, join=True,
                            start_method="spawn")
         results = [torch.load(os.path.join(out, f"{r}.pt"), weights_only=False) for r in range(world)]
     for r, res in enumerate(results):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from dtrain.metrics import SUMMARY_FILE, read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 
@@ -41,11 +43,11 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / SUMMARY_FILE).read_text())
 
 
 def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

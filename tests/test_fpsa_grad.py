@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from dtrain.config import Config
 from dtrain.data import TaskSpec
+from dtrain.metrics import FPSA_ADJ_ITERS_LAYER, FPSA_LOOP_LAYER
 from dtrain.model import build_model
 
 
@@ -49,7 +50,7 @@ def gradients(model, backward: str, **fpsa) -> dict[str, torch.Tensor]:
         block.attn.cfg = block.attn.cfg.model_copy(update={"backward": backward, **fpsa})
     tokens, mask, targets = batch()
     F.cross_entropy(model(tokens, mask), targets).backward()
-    assert model.fpsa_stats()["fpsa/loop_l0"] == ITERS
+    assert model.fpsa_stats()[FPSA_LOOP_LAYER.format(layer=0)] == ITERS
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -111,11 +112,11 @@ def test_implicit_mode_calls_each_projection_once_with_grad():
     model = build_model(config(max_iter=10, tol=1e-3, adj_max_iter=5), SPEC)
     calls = count_projection_calls(model, "implicit")
     assert calls == Counter({f"l{i}.{n}": 1 for i in range(2) for n in "qkvo"})
-    assert model.fpsa_stats()["fpsa/adj_iters_l0"] >= 1  # the adjoint did run, through F.linear only
+    assert model.fpsa_stats()[FPSA_ADJ_ITERS_LAYER.format(layer=0)] >= 1  # the adjoint did run, through F.linear only
     calls = count_projection_calls(model, "phantom", phantom_steps=3)
     assert calls == Counter({f"l{i}.{n}": (1 if n == "v" else 3) for i in range(2) for n in "qkvo"})
     calls = count_projection_calls(model, "bptt")
-    loops = [int(model.fpsa_stats()[f"fpsa/loop_l{i}"]) for i in range(2)]
+    loops = [int(model.fpsa_stats()[FPSA_LOOP_LAYER.format(layer=i)]) for i in range(2)]
     assert calls == Counter({f"l{i}.{n}": (1 if n == "v" else loops[i]) for i in range(2) for n in "qkvo"})
 
 

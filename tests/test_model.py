@@ -6,6 +6,7 @@ import torch
 
 from dtrain.config import Config
 from dtrain.data import TaskSpec
+from dtrain.metrics import FPSA_CONVERGED_FRAC, FPSA_ITERS_LAYER, FPSA_ITERS_MEAN, FPSA_LOOP_LAYER
 from dtrain.model import FixedPointAttention, build_model
 from dtrain.model import spectral
 from dtrain.model.solver import solve
@@ -152,16 +153,18 @@ def test_fpsa_stats_and_per_example_iterations():
     with torch.no_grad():
         model(tokens, mask)
     stats = model.fpsa_stats()
-    assert {"fpsa/iters_mean", "fpsa/iters_l0", "fpsa/iters_l1", "fpsa/converged_frac"} <= set(stats)
-    assert stats["fpsa/iters_mean"] == pytest.approx((stats["fpsa/iters_l0"] + stats["fpsa/iters_l1"]) / 2)
-    assert 1 <= stats["fpsa/iters_l0"] <= stats["fpsa/loop_l0"] <= 30
-    assert 0.0 <= stats["fpsa/converged_frac"] <= 1.0
+    iters_l0, iters_l1 = FPSA_ITERS_LAYER.format(layer=0), FPSA_ITERS_LAYER.format(layer=1)
+    loop_l0 = FPSA_LOOP_LAYER.format(layer=0)
+    assert {FPSA_ITERS_MEAN, iters_l0, iters_l1, FPSA_CONVERGED_FRAC} <= set(stats)
+    assert stats[FPSA_ITERS_MEAN] == pytest.approx((stats[iters_l0] + stats[iters_l1]) / 2)
+    assert 1 <= stats[iters_l0] <= stats[loop_l0] <= 30
+    assert 0.0 <= stats[FPSA_CONVERGED_FRAC] <= 1.0
     per_layer = [model.fpsa_example_iters(i) for i in range(2)]
     assert per_layer[0].shape == (3,) and per_layer[0].dtype == torch.int64
     assert torch.equal(model.fpsa_example_iters(), per_layer[0] + per_layer[1])
     solve_stats = model.blocks[0].attn.last_solve
     assert torch.equal(per_layer[0], solve_stats.token_iters.amax(dim=1))
-    assert int(per_layer[0].max()) == stats["fpsa/loop_l0"]
+    assert int(per_layer[0].max()) == stats[loop_l0]
 
 
 def test_spectral_norm_divides_by_the_largest_singular_value_once_per_forward():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from dtrain.metrics import COMM_TIME_PER_STEP_S, COMM_WIRE_BYTES_PER_STEP, METRICS_FILE, WORLD_SIZE
 from launch_utils import ROOT, TINY, env
 
 SCRIPT = ROOT / "launch" / "netns_cluster"
@@ -56,8 +57,8 @@ def test_rate_capped_two_host_run_link_bytes_match_reported_wire_bytes(tmp_path:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _our_namespaces() == [], "namespaces left behind"
     report = json.loads(run_dir.with_name(run_dir.name + ".netns.json").read_text())
-    assert report["summary"]["world_size"] == 2 and report["rate"] == "100mbit"
-    reported = report["summary"]["comm/wire_bytes_per_step"] * 25
+    assert report["summary"][WORLD_SIZE] == 2 and report["rate"] == "100mbit"
+    reported = report["summary"][COMM_WIRE_BYTES_PER_STEP] * 25
     assert reported > 5e6, "the run must be large enough for gradient traffic to dominate"
     for link in report["links"]:
         assert link["exit_code"] == 0
@@ -67,7 +68,7 @@ def test_rate_capped_two_host_run_link_bytes_match_reported_wire_bytes(tmp_path:
     # the cap was in force: every host's tbf held packets back, and gradient sync took at least the time the
     # reported bytes need at 100 Mbit/s (uncapped, the veth moves them in well under a millisecond)
     assert all(link["tbf_overlimits"] > 0 for link in report["links"])
-    assert report["summary"]["comm/time_per_step_s"] >= 0.9 * report["summary"]["comm/wire_bytes_per_step"] * 8 / 100e6
+    assert report["summary"][COMM_TIME_PER_STEP_S] >= 0.9 * report["summary"][COMM_WIRE_BYTES_PER_STEP] * 8 / 100e6
 
 
 @pytest.mark.root
@@ -104,9 +105,9 @@ def test_ctrl_c_stops_the_job_and_tears_down(tmp_path: Path):
     tool = subprocess.Popen(cmd, cwd=ROOT, env=env(), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():  # training has started
+        while time.monotonic() < deadline and not (run_dir / METRICS_FILE).exists():  # training has started
             time.sleep(0.5)
-        assert (run_dir / "metrics.jsonl").exists(), "the job did not start"
+        assert (run_dir / METRICS_FILE).exists(), "the job did not start"
         tool.send_signal(signal.SIGINT)
         _, err = tool.communicate(timeout=120)  # teardown waits at most ~10 s for hosts + 10 s per namespace
     finally:

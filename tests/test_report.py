@@ -10,6 +10,7 @@ from typing import Any, Optional
 import matplotlib.image
 import pytest
 
+from dtrain import metrics as metric
 from dtrain.config import ConfigError
 from dtrain.report import add_arguments, run
 from dtrain.report.build import Report, make_report
@@ -30,24 +31,26 @@ def write_run(path: Path, *, task: str, strategy: str, rank: int, seed: int, pay
     steps = 10 * (len(eval_accs) - 1)
     rows: list[dict[str, Any]] = []
     for step in range(1, steps + 1):
-        rows.append({"step": step, "train/loss": 2.0 / step, "comm/bytes_sent": payload,
-                     "comm/bytes_cum": payload * step, "comm/wire_bytes": wire, "time/step_s": compute_s + comm_s})
+        rows.append({metric.STEP: step, metric.TRAIN_LOSS: 2.0 / step, metric.COMM_BYTES_SENT: payload,
+                     metric.COMM_BYTES_CUM: payload * step, metric.COMM_WIRE_BYTES: wire,
+                     metric.TIME_STEP_S: compute_s + comm_s})
         if step % 10 == 0:
-            rows.append({"step": step, "val/loss": 1.0, "val/acc": eval_accs[step // 10],
-                         "comm/bytes_cum": payload * step})
-    rows.insert(0, {"step": 0, "val/loss": 2.0, "val/acc": eval_accs[0], "comm/bytes_cum": 0})
-    (path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            rows.append({metric.STEP: step, metric.VAL_LOSS: 1.0, metric.VAL_ACC: eval_accs[step // 10],
+                         metric.COMM_BYTES_CUM: payload * step})
+    rows.insert(0, {metric.STEP: 0, metric.VAL_LOSS: 2.0, metric.VAL_ACC: eval_accs[0], metric.COMM_BYTES_CUM: 0})
+    (path / metric.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = {
-        "params": 1234, "world_size": 2, "strategy": strategy, "steps": steps, "task": task, "attention": "fpsa",
-        "comm_rank": rank, "seed": seed, "final/val_acc": eval_accs[-1], "final/val_loss": 1.0,
-        "comm/bytes_total": payload * steps, "comm/bytes_per_step": payload, "comm/wire_bytes_per_step": wire,
-        "comm/allreduce_bytes_per_step": allreduce, "compression_ratio": allreduce / payload,
-        "comm/time_per_step_s": comm_s, "time/step_s_mean": compute_s + comm_s,
-        "time/compute_s_per_step": compute_s, "wall_s": steps * (compute_s + comm_s),
+        metric.PARAMS: 1234, metric.WORLD_SIZE: 2, metric.STRATEGY: strategy, metric.STEPS: steps, metric.TASK: task,
+        metric.ATTENTION: "fpsa", metric.COMM_RANK: rank, metric.SEED: seed, metric.FINAL_VAL_ACC: eval_accs[-1],
+        metric.FINAL_VAL_LOSS: 1.0, metric.COMM_BYTES_TOTAL: payload * steps, metric.COMM_BYTES_PER_STEP: payload,
+        metric.COMM_WIRE_BYTES_PER_STEP: wire, metric.COMM_ALLREDUCE_BYTES_PER_STEP: allreduce,
+        metric.COMPRESSION_RATIO: allreduce / payload, metric.COMM_TIME_PER_STEP_S: comm_s,
+        metric.TIME_STEP_S_MEAN: compute_s + comm_s, metric.TIME_COMPUTE_S_PER_STEP: compute_s,
+        metric.WALL_S: steps * (compute_s + comm_s),
     }
     if iters_by_difficulty:
-        summary["fpsa/iters_by_difficulty"] = iters_by_difficulty
-    (path / "summary.json").write_text(json.dumps(summary))
+        summary[metric.EXAMPLE_ITERS_BY_DIFFICULTY] = iters_by_difficulty
+    (path / metric.SUMMARY_FILE).write_text(json.dumps(summary))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (crashed / "train.log").write_text("Traceback ...\n")
     truncated = root / "ddp-s0-w2"
     truncated.mkdir()
-    (truncated / "summary.json").write_text(json.dumps({"task": "parity", "strategy": "ddp"}))
+    (truncated / metric.SUMMARY_FILE).write_text(json.dumps({metric.TASK: "parity", metric.STRATEGY: "ddp"}))
     return root
 
 
@@ -116,7 +119,8 @@ def test_link_rates_parse_as_bits_per_second() -> None:
 
 
 def test_time_model() -> None:
-    rows = [{"step": 0, "val/acc": 0.1}, {"step": 20, "val/acc": 0.8}, {"step": 10, "val/acc": 0.5}]
+    rows = [{metric.STEP: 0, metric.VAL_ACC: 0.1}, {metric.STEP: 20, metric.VAL_ACC: 0.8},
+            {metric.STEP: 10, metric.VAL_ACC: 0.5}]
     assert steps_to_target(rows, 0.5) == 10
     assert steps_to_target(rows, 0.9) is None
     # 10 steps x (0.5 s compute + 2000 bytes / 1000 bytes/s)
@@ -184,7 +188,7 @@ def test_markdown_states_figures_model_and_target(report: Report) -> None:
 def test_incomplete_runs_are_skipped_with_the_reason(report: Report, sweep_dir: Path) -> None:
     reasons = {skip.path.name: skip.reason for skip in report.skipped}
     assert reasons["rankdad-r2-s0-w2"] == "no summary.json (the run did not finish)"
-    assert reasons["ddp-s0-w2"].startswith("summary.json lacks ") and "final/val_acc" in reasons["ddp-s0-w2"]
+    assert reasons["ddp-s0-w2"].startswith("summary.json lacks ") and metric.FINAL_VAL_ACC in reasons["ddp-s0-w2"]
     text = report.path.read_text()
     assert "## Skipped runs" in text
     assert f"(log: `{sweep_dir / 'rankdad-r2-s0-w2' / 'train.log'}`)" in text
@@ -203,10 +207,12 @@ def test_runs_on_shaped_links_are_rows_of_their_own(report: Report) -> None:
 def test_non_finite_values_are_read_back_as_floats(tmp_path: Path) -> None:
     write_run(tmp_path / "run", task="parity", strategy="ddp", rank=4, seed=0, payload=1, allreduce=1, wire=1,
               eval_accs=[0.5, 0.6], compute_s=0.1)
-    with (tmp_path / "run" / "metrics.jsonl").open("a") as metrics:  # how the trainer writes NaN and Inf
-        metrics.write(json.dumps({"step": 11, "train/loss": "nan", "grad_norm": "inf", "comm/bytes_cum": 11}) + "\n")
+    with (tmp_path / "run" / metric.METRICS_FILE).open("a") as metrics:  # how the trainer writes NaN and Inf
+        metrics.write(json.dumps({metric.STEP: 11, metric.TRAIN_LOSS: "nan", metric.GRAD_NORM: "inf",
+                                  metric.COMM_BYTES_CUM: 11}) + "\n")
     loaded = load_run(tmp_path / "run")
-    assert math.isnan(loaded.train_rows[-1]["train/loss"]) and loaded.train_rows[-1]["grad_norm"] == math.inf
+    last = loaded.train_rows[-1]
+    assert math.isnan(last[metric.TRAIN_LOSS]) and last[metric.GRAD_NORM] == math.inf
 
 
 def test_plots_are_embedded_real_pngs(report: Report) -> None:

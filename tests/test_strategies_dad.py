@@ -17,6 +17,7 @@ from dtrain.compression.codecs.rows import RowsCodec
 from dtrain.compression.plan import choose_method, layer_costs
 from dtrain.compression.capture import attach_linears
 from dtrain.config import CommConfig
+from dtrain.metrics import RANKDAD_EFF_RANK, RANKDAD_PREFIX, RANKDAD_SIGMA
 from toy_models import ToyEncoder, toy_batch
 from tensor_probe import LargestTensor
 
@@ -182,7 +183,7 @@ def _suite_worker(rank: int, world: int) -> dict:
             F.cross_entropy(fwd(tokens), labels).backward()
             stats = strategy.synchronize()
             res["bytes"].append(stats.bytes_sent)
-            res.setdefault("spectrum_keys", []).append(sum(k.startswith("rankdad/") for k in stats.extra))
+            res.setdefault("spectrum_keys", []).append(sum(k.startswith(RANKDAD_PREFIX) for k in stats.extra))
             if step == 0:
                 res["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
                 res["extra"] = dict(stats.extra)
@@ -252,9 +253,9 @@ def test_rankdad_spectrum_is_logged_identically_and_matches_the_oracle(world, mo
     assert all(e == extras[0] for e in extras)
     for layer in LAYERS:
         sigma = torch.linalg.svdvals(oracle[f"{layer}.weight"])
-        logged = torch.tensor([extras[0][f"rankdad/{layer}/sigma{j}"] for j in range(1, 4)])
+        logged = torch.tensor([extras[0][RANKDAD_SIGMA.format(layer=layer, j=j)] for j in range(1, 4)])
         torch.testing.assert_close(logged, sigma[:3], rtol=1e-4, atol=1e-7)
-        assert 1.0 <= extras[0][f"rankdad/{layer}/eff_rank"] <= sigma.numel()
+        assert 1.0 <= extras[0][RANKDAD_EFF_RANK.format(layer=layer)] <= sigma.numel()
 
 
 @WORLDS

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from dtrain import metrics
 from launch_utils import ROOT, TINY, env
 
-KEYS = [b"train/loss", b"comm/bytes_sent", b"comm/bytes_cum", b"val/acc", b"fpsa/iters_mean",
-        b"compression_ratio", b"bytes_vs_accuracy"]
+KEYS = [name.encode() for name in (metrics.TRAIN_LOSS, metrics.COMM_BYTES_SENT, metrics.COMM_BYTES_CUM,
+                                   metrics.VAL_ACC, metrics.FPSA_ITERS_MEAN, metrics.COMPRESSION_RATIO,
+                                   metrics.BYTES_VS_ACCURACY)]
 
 
 def _no_network_prefix() -> list[str]:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..distributed import barrier
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -225,9 +226,7 @@ def _unlink_shm_workspace() -> None:
     env = os.environ
     if env.get("LOCAL_SIZE") != env.get("WORLD_SIZE", "1"):
         return
-    import torch.distributed as dist
-
-    dist.barrier()
+    barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
             f"{env.get('RANK', '0')}")
     Path("/dev/shm", name).unlink(missing_ok=True)

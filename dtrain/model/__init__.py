@@ -2,7 +2,10 @@
 
     model = build_model(cfg, task.spec)         # cfg: dtrain.config.Config
     logits = model(tokens, mask)                # [B, C] per-sequence, [B, L, C] per-token
-    model.fpsa_stats()                          # {'fpsa/iters_mean': .., 'fpsa/iters_l0': .., ...} of the last forward
+    model.step_statistics()                     # {'fpsa/iters_mean': .., 'fpsa/iters_l0': .., ...} of the last forward
+    model.example_iterations()                  # float [B] FPSA iterations per example (mean over layers), or None
+
+The last two are dtrain.metrics.ReportsStatistics: the trainer logs them without knowing about FPSA.
 """
 from .attention import VanillaAttention
 from .fpsa import FixedPointAttention

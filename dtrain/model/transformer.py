@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from dtrain import metrics
 from dtrain.config import Config
 from dtrain.data import TaskSpec
 
@@ -80,6 +81,21 @@ class SelfTransformer(nn.Module):
         weights = mask.to(h.dtype)[..., None]
         return self.head((h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0))
 
+    # ------------------------------------------------------------------------------------------ statistics
+    # dtrain.metrics.ReportsStatistics: what the trainer logs about the model, without knowing it is FPSA
+
+    def step_statistics(self) -> dict[str, float]:
+        """The FPSA solver figures of the last forward (`fpsa_stats`); {} for vanilla attention."""
+        return self.fpsa_stats()
+
+    def example_iterations(self) -> Optional[torch.Tensor]:
+        """float [B]: FPSA iterations each example of the last forward needed, as the mean over layers; None
+        for vanilla attention, whose computation does not adapt."""
+        layers = self.fpsa_layers()
+        if not layers:
+            return None
+        return self.fpsa_example_iters().float() / len(layers)
+
     # ------------------------------------------------------------------------------------------ FPSA stats
 
     def fpsa_layers(self) -> list[FixedPointAttention]:
@@ -100,15 +116,17 @@ class SelfTransformer(nn.Module):
             return {}
         stats: dict[str, float] = {}
         for i, (layer, s) in enumerate(zip(layers, solves)):
-            stats[f"fpsa/iters_l{i}"] = s.mean_token_iters()
-            stats[f"fpsa/loop_l{i}"] = float(s.iters)
-            if layer.last_adjoint.iters:
-                stats[f"fpsa/adj_iters_l{i}"] = float(layer.last_adjoint.iters)
-                stats[f"fpsa/adj_residual_l{i}"] = layer.last_adjoint.residual
-                stats[f"fpsa/adj_diverged_l{i}"] = float(layer.last_adjoint.diverged)
-                stats[f"fpsa/adj_damped_l{i}"] = float(layer.last_adjoint.damped)
-        stats["fpsa/iters_mean"] = sum(stats[f"fpsa/iters_l{i}"] for i in range(len(layers))) / len(layers)
-        stats["fpsa/converged_frac"] = sum(s.converged_frac() for s in solves) / len(solves)
+            stats[metrics.FPSA_ITERS_LAYER.format(layer=i)] = s.mean_token_iters()
+            stats[metrics.FPSA_LOOP_LAYER.format(layer=i)] = float(s.iters)
+            adjoint = layer.last_adjoint
+            if adjoint.iters:
+                stats[metrics.FPSA_ADJ_ITERS_LAYER.format(layer=i)] = float(adjoint.iters)
+                stats[metrics.FPSA_ADJ_RESIDUAL_LAYER.format(layer=i)] = adjoint.residual
+                stats[metrics.FPSA_ADJ_DIVERGED_LAYER.format(layer=i)] = float(adjoint.diverged)
+                stats[metrics.FPSA_ADJ_DAMPED_LAYER.format(layer=i)] = float(adjoint.damped)
+        per_layer = [stats[metrics.FPSA_ITERS_LAYER.format(layer=i)] for i in range(len(layers))]
+        stats[metrics.FPSA_ITERS_MEAN] = sum(per_layer) / len(layers)
+        stats[metrics.FPSA_CONVERGED_FRAC] = sum(s.converged_frac() for s in solves) / len(solves)
         return stats
 
     def fpsa_example_iters(self, layer: Optional[int] = None) -> torch.Tensor:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..metrics import format_bytes
 from .plots import Plot
 from .rundir import Skipped
-from .table import TaskTable, fmt_bytes, to_markdown
+from .table import TaskTable, to_markdown
 from .timemodel import MODEL_DESCRIPTION, LinkRate
 
 COLUMNS_EXPLAINED = (
@@ -31,7 +32,7 @@ def write_report(out: Path, tables: list[TaskTable], plots: dict[str, list[Plot]
         "",
         MODEL_DESCRIPTION,
         "",
-        "Link rates: " + ", ".join(f"{r.label} = {fmt_bytes(r.bytes_per_s)}/s" for r in rates) + ".",
+        "Link rates: " + ", ".join(f"{r.label} = {format_bytes(r.bytes_per_s)}/s" for r in rates) + ".",
         "",
         COLUMNS_EXPLAINED,
     ]

@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .. import metrics
 from .table import TaskTable, mean_time_to_target
 from .timemodel import LinkRate, parse_link_rate
 
@@ -61,7 +62,8 @@ def _accuracy_vs_bytes(table: TaskTable, out: Path) -> Plot:
     for i, row in enumerate(table.rows):
         for j, run in enumerate(row.runs):
             # the log axis cannot show the evaluation before the first exchange (0 bytes)
-            points = [(r["comm/bytes_cum"], r["val/acc"]) for r in run.eval_rows if r["comm/bytes_cum"] > 0]
+            points = [(r[metrics.COMM_BYTES_CUM], r[metrics.VAL_ACC]) for r in run.eval_rows
+                      if r[metrics.COMM_BYTES_CUM] > 0]
             if points:
                 x, y = zip(*points)
                 ax.plot(x, y, marker="o", markersize=3, **_style(i), label=row.label if j == 0 else None)
@@ -77,8 +79,8 @@ def _loss_vs_step(table: TaskTable, out: Path) -> Plot:
     fig, ax = _figure()
     for i, row in enumerate(table.rows):
         for j, run in enumerate(row.runs):
-            steps = [r["step"] for r in run.train_rows]
-            losses = [r["train/loss"] for r in run.train_rows]
+            steps = [r[metrics.STEP] for r in run.train_rows]
+            losses = [r[metrics.TRAIN_LOSS] for r in run.train_rows]
             ax.plot(steps, losses, linewidth=1, **_style(i), label=row.label if j == 0 else None)
     ax.set(xlabel="step", ylabel="training loss", title=f"{table.task}: training loss")
     _legend(ax)
@@ -126,7 +128,7 @@ def _fpsa_iterations(table: TaskTable, out: Path) -> Optional[Plot]:
     for i, row in enumerate(table.rows):
         by_difficulty: dict[float | str, list[float]] = {}
         for run in row.runs:
-            for difficulty, iters in run.summary.get("fpsa/iters_by_difficulty", {}).items():
+            for difficulty, iters in run.summary.get(metrics.EXAMPLE_ITERS_BY_DIFFICULTY, {}).items():
                 by_difficulty.setdefault(_as_number(str(difficulty)), []).append(float(iters))
         if by_difficulty:
             difficulties = sorted(by_difficulty, key=lambda d: (isinstance(d, str), d))

@@ -11,18 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .. import metrics
 from ..config import ConfigError, EXACT_STRATEGIES
+from ..metrics import METRICS_FILE, SUMMARY_FILE, MetricsLineError, read_metrics
 
 # Any one of these files marks a directory as a run directory (a crashed run may hold only some of them).
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "train.log")
+RUN_MARKERS = ("config.yaml", METRICS_FILE, SUMMARY_FILE, "train.log")
 # Directories that live inside runs or reports and are never runs themselves (wandb's files/ has a config.yaml).
 _NOT_RUNS = {"wandb", "checkpoints"}
 
 _NON_FINITE = ("nan", "inf", "-inf")
 REQUIRED_SUMMARY_KEYS = (
-    "task", "strategy", "comm_rank", "seed", "world_size", "steps",
-    "final/val_acc", "comm/bytes_per_step", "comm/wire_bytes_per_step", "comm/allreduce_bytes_per_step",
-    "comm/time_per_step_s", "time/step_s_mean", "time/compute_s_per_step",
+    metrics.TASK, metrics.STRATEGY, metrics.COMM_RANK, metrics.SEED, metrics.WORLD_SIZE, metrics.STEPS,
+    metrics.FINAL_VAL_ACC, metrics.COMM_BYTES_PER_STEP, metrics.COMM_WIRE_BYTES_PER_STEP,
+    metrics.COMM_ALLREDUCE_BYTES_PER_STEP, metrics.COMM_TIME_PER_STEP_S, metrics.TIME_STEP_S_MEAN,
+    metrics.TIME_COMPUTE_S_PER_STEP,
 )
 
 
@@ -36,24 +39,24 @@ class Run:
 
     @property
     def task(self) -> str:
-        return str(self.summary["task"])
+        return str(self.summary[metrics.TASK])
 
     @property
     def strategy(self) -> str:
-        return str(self.summary["strategy"])
+        return str(self.summary[metrics.STRATEGY])
 
     @property
     def rank(self) -> Optional[int]:
         """The compression rank, None for exact strategies (where comm.rank has no effect)."""
-        return None if self.strategy in EXACT_STRATEGIES else int(self.summary["comm_rank"])
+        return None if self.strategy in EXACT_STRATEGIES else int(self.summary[metrics.COMM_RANK])
 
     @property
     def seed(self) -> int:
-        return int(self.summary["seed"])
+        return int(self.summary[metrics.SEED])
 
     @property
     def world_size(self) -> int:
-        return int(self.summary["world_size"])
+        return int(self.summary[metrics.WORLD_SIZE])
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,13 @@ def _walk(directory: Path) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    if not (path / "summary.json").is_file():
-        raise IncompleteRun("no summary.json (the run did not finish)")
-    summary = _read_json(path / "summary.json")
+    if not (path / SUMMARY_FILE).is_file():
+        raise IncompleteRun(f"no {SUMMARY_FILE} (the run did not finish)")
+    summary = _read_json(path / SUMMARY_FILE)
     missing = [key for key in REQUIRED_SUMMARY_KEYS if key not in summary]
     if missing:
-        raise IncompleteRun(f"summary.json lacks {', '.join(missing)}")
-    train_rows, eval_rows = _read_metrics(path / "metrics.jsonl")
+        raise IncompleteRun(f"{SUMMARY_FILE} lacks {', '.join(missing)}")
+    train_rows, eval_rows = _read_metrics(path)
     sweep_point = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else {}
     return Run(path, summary, train_rows, eval_rows, sweep_point.get("link_rate"))
 
@@ -131,23 +134,16 @@ def _restore_non_finite(row: dict[str, Any]) -> dict[str, Any]:
     return {key: float(value) if value in _NON_FINITE else value for key, value in row.items()}
 
 
-def _read_metrics(file: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training rows (with train/loss) and evaluation rows (with val/acc), in file order."""
-    if not file.is_file():
-        raise IncompleteRun("no metrics.jsonl")
-    train_rows: list[dict[str, Any]] = []
-    eval_rows: list[dict[str, Any]] = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = _restore_non_finite(json.loads(line))
-        except json.JSONDecodeError:
-            raise IncompleteRun(f"metrics.jsonl line {number} is not valid JSON") from None
-        if "train/loss" in row:
-            train_rows.append(row)
-        elif "val/acc" in row:
-            eval_rows.append(row)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise IncompleteRun(f"no {METRICS_FILE}")
+    try:
+        rows = [_restore_non_finite(row) for row in read_metrics(run_dir)]
+    except MetricsLineError as err:
+        raise IncompleteRun(str(err)) from None
+    train_rows = [row for row in rows if metrics.TRAIN_LOSS in row]
+    eval_rows = [row for row in rows if metrics.TRAIN_LOSS not in row and metrics.VAL_ACC in row]
     if not eval_rows:
-        raise IncompleteRun("metrics.jsonl has no evaluation rows")
+        raise IncompleteRun(f"{METRICS_FILE} has no evaluation rows")
     return train_rows, eval_rows

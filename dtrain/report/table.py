@@ -12,7 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
-from ..config import STRATEGIES
+from .. import metrics
+from ..config import STRATEGY_NAMES
+from ..metrics import format_bytes
 from .rundir import Run
 from .timemodel import LinkRate, steps_to_target, time_to_target
 
@@ -77,12 +79,12 @@ def _task_table(task: str, runs: list[Run], target_acc: Optional[float], rates: 
 
 def _order(key: tuple) -> tuple:
     strategy, rank, world_size, link_rate = key
-    position = STRATEGIES.index(strategy) if strategy in STRATEGIES else len(STRATEGIES)
+    position = STRATEGY_NAMES.index(strategy) if strategy in STRATEGY_NAMES else len(STRATEGY_NAMES)
     return (position, strategy, rank or 0, world_size, link_rate or "")
 
 
 def _final_acc(run: Run) -> float:
-    return float(run.summary["final/val_acc"])
+    return float(run.summary[metrics.FINAL_VAL_ACC])
 
 
 def _mean(runs: list[Run], key: str) -> float:
@@ -101,13 +103,16 @@ def _mean_over_reached(runs: Iterable[Run], target_acc: float, seconds: Callable
 
 def mean_time_to_target(runs: Iterable[Run], target_acc: float, rate: LinkRate) -> Optional[float]:
     """The time model at `rate`, averaged over the runs that reach the target."""
-    return _mean_over_reached(runs, target_acc, lambda run, steps: time_to_target(
-        steps, float(run.summary["time/compute_s_per_step"]), float(run.summary["comm/wire_bytes_per_step"]), rate))
+    def modelled(run: Run, steps: int) -> float:
+        return time_to_target(steps, float(run.summary[metrics.TIME_COMPUTE_S_PER_STEP]),
+                              float(run.summary[metrics.COMM_WIRE_BYTES_PER_STEP]), rate)
+
+    return _mean_over_reached(runs, target_acc, modelled)
 
 
 def _measured_time_to_target(runs: Iterable[Run], target_acc: float) -> Optional[float]:
     """Steps to target x measured step time: the time on the link the runs actually had."""
-    return _mean_over_reached(runs, target_acc, lambda run, steps: steps * float(run.summary["time/step_s_mean"]))
+    return _mean_over_reached(runs, target_acc, lambda run, steps: steps * float(run.summary[metrics.TIME_STEP_S_MEAN]))
 
 
 def _row(runs: list[Run], target_acc: float, rates: list[LinkRate]) -> Row:
@@ -115,7 +120,7 @@ def _row(runs: list[Run], target_acc: float, rates: list[LinkRate]) -> Row:
     first = runs[0]
     accs = [_final_acc(run) for run in runs]
     reached = [steps for steps in (steps_to_target(run.eval_rows, target_acc) for run in runs) if steps is not None]
-    payload = _mean(runs, "comm/bytes_per_step")
+    payload = _mean(runs, metrics.COMM_BYTES_PER_STEP)
     return Row(
         strategy=first.strategy,
         rank=first.rank,
@@ -123,29 +128,21 @@ def _row(runs: list[Run], target_acc: float, rates: list[LinkRate]) -> Row:
         link_rate=first.link_rate,
         runs=tuple(runs),
         payload_bytes_per_step=payload,
-        wire_bytes_per_step=_mean(runs, "comm/wire_bytes_per_step"),
-        compression_ratio=_mean(runs, "comm/allreduce_bytes_per_step") / payload if payload else float("inf"),
+        wire_bytes_per_step=_mean(runs, metrics.COMM_WIRE_BYTES_PER_STEP),
+        compression_ratio=_mean(runs, metrics.COMM_ALLREDUCE_BYTES_PER_STEP) / payload if payload else float("inf"),
         acc_mean=statistics.fmean(accs),
         acc_std=statistics.stdev(accs) if len(accs) > 1 else None,
         steps_to_target=statistics.fmean(reached) if reached else None,
         reached=len(reached),
-        comm_s_per_step=_mean(runs, "comm/time_per_step_s"),
-        step_s=_mean(runs, "time/step_s_mean"),
-        compute_s_per_step=_mean(runs, "time/compute_s_per_step"),
+        comm_s_per_step=_mean(runs, metrics.COMM_TIME_PER_STEP_S),
+        step_s=_mean(runs, metrics.TIME_STEP_S_MEAN),
+        compute_s_per_step=_mean(runs, metrics.TIME_COMPUTE_S_PER_STEP),
         measured_time_to_target_s=_measured_time_to_target(runs, target_acc),
         time_to_target_s={rate.label: mean_time_to_target(runs, target_acc, rate) for rate in rates},
     )
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, like the link rates they are divided by."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def fmt_seconds(s: float) -> str:
@@ -183,8 +180,8 @@ def to_markdown(table: TaskTable, rates: list[LinkRate]) -> str:
         cells += [row.link_rate or "local"] if measured_links else []
         cells += [
             str(len(row.runs)),
-            fmt_bytes(row.payload_bytes_per_step),
-            fmt_bytes(row.wire_bytes_per_step),
+            format_bytes(row.payload_bytes_per_step),
+            format_bytes(row.wire_bytes_per_step),
             f"{row.compression_ratio:.2f}×",
             fmt_accuracy(row),
             not_reached if row.steps_to_target is None else _fmt_reached(f"{row.steps_to_target:.0f}", row),

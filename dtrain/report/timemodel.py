@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from ..config import ConfigError
+from ..metrics import STEP, VAL_ACC
 
 MODEL_DESCRIPTION = (
     "time to target = steps to target × (compute s/step + wire bytes/step ÷ link rate). "
@@ -63,9 +64,9 @@ def parse_link_rates(items: Iterable[str]) -> list[LinkRate]:
 
 def steps_to_target(eval_rows: Iterable[dict[str, Any]], target_acc: float) -> Optional[int]:
     """The first evaluated step whose validation accuracy reaches the target; None if none does."""
-    for row in sorted(eval_rows, key=lambda r: r["step"]):
-        if row["val/acc"] >= target_acc:
-            return int(row["step"])
+    for row in sorted(eval_rows, key=lambda r: r[STEP]):
+        if row[VAL_ACC] >= target_acc:
+            return int(row[STEP])
     return None
 
 
