@@ -1,0 +1,62 @@
+"""The per-layer codecs alone, on one process (Comm without a process group): decode = Δᵀ A, payload = the
+cost model's bytes per peer, error feedback adds up."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dtrain.compression.capture import LinearCapture
+from dtrain.compression.codecs.base import LayerStep
+from dtrain.compression.codecs.factors import FactorsCodec
+from dtrain.compression.codecs.rows import RowsCodec
+from dtrain.compression.comm import Comm
+from dtrain.config import CommConfig
+
+IN, OUT, ROWS = 7, 5, 9
+
+
+def _layer(rows: int = ROWS, seed: int = 0) -> LayerStep:
+    g = torch.Generator().manual_seed(seed)
+    weight = nn.Parameter(torch.zeros(OUT, IN))
+    capture = LinearCapture("layer", weight)
+    a, delta = torch.randn(rows, IN, generator=g), torch.randn(rows, OUT, generator=g)
+    return LayerStep(capture, a, delta, [rows], False)
+
+
+def _factors(**options) -> FactorsCodec:
+    codec = FactorsCodec(CommConfig(strategy="rankdad", **options).options())
+    codec.bind(["layer"])
+    return codec
+
+
+@pytest.mark.parametrize("codec", [RowsCodec(), _factors(rank=min(IN, OUT), power_iters=4, error_feedback=False)],
+                         ids=["rows", "factors-full-rank"])
+def test_decode_is_the_local_weight_gradient_and_payload_matches_the_cost_model(codec):
+    layer, comm = _layer(), Comm()
+    grad = codec.finish(codec.launch(layer, comm), comm)
+    torch.testing.assert_close(grad, layer.delta.T @ layer.a, rtol=1e-5, atol=1e-5)
+    # at S peers a rank sends its payload to S-1 of them: the cost model's bytes per peer are the payload
+    assert comm.reset().bytes_sent == codec.wire_bytes(IN, OUT, ROWS, world_size=2)
+
+
+def test_no_rows_anywhere_sends_nothing_and_decodes_to_none():
+    for codec in (RowsCodec(), _factors(rank=2)):
+        layer, comm = _layer(rows=0), Comm()
+        assert codec.finish(codec.launch(layer, comm), comm) is None
+        assert comm.reset().bytes_sent == 0
+
+
+def test_factors_error_feedback_adds_up_over_steps():
+    """Σ_steps gradients = Σ_steps delivered + last residual (the ErrorFeedback invariant, per layer)."""
+    codec, comm = _factors(rank=1, factor_dtype="bf16"), Comm()
+    total_grad = torch.zeros(OUT, IN, dtype=torch.float64)
+    total_delivered = torch.zeros_like(total_grad)
+    for step in range(4):
+        layer = _layer(seed=step)
+        total_grad += (layer.delta.T @ layer.a).double()
+        total_delivered += codec.finish(codec.launch(layer, comm), comm).double()
+        codec.end_step()
+    residual = codec.residuals.get("layer").double()
+    torch.testing.assert_close(total_delivered + residual, total_grad, rtol=0, atol=1e-4)
+    assert residual.abs().max() > 1e-3  # rank 1 < rank of the gradient: something was left over
