@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test test-all clean
+.PHONY: setup quickstart lint test test-all clean
 
 setup:
 	@scripts/setup.sh
@@ -10,9 +10,14 @@ setup:
 quickstart: setup
 	@scripts/quickstart.sh
 
-# Default suite: everything but the tests marked slow. Tests marked root run where root and `ip netns`
+# The lint and format gate (ruff, configured in pyproject.toml); `make test` runs it first.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Default suite: the lint gate, then every test but those marked slow. Tests marked root run where root and `ip netns`
 # exist and skip with the reason elsewhere; gpu tests skip without CUDA.
-test: setup
+test: lint
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup

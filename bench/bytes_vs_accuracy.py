@@ -14,6 +14,7 @@ and is reported only for orientation.
 Run directories go to --out (default runs/bench/bytes); a variant whose run directory already holds a
 summary.json is not trained again (delete the directory, or pass --fresh, to re-run it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import ROOT, command_line, train_run, write_result
+from dtrain import metrics
 from dtrain.metrics import format_bytes
 
 SECTION = "## Bytes per step vs final accuracy (issue 9, {name})"
@@ -45,26 +47,71 @@ VARIANTS: dict[str, list[str]] = {
     "rankdad-k4-noef": ["comm.strategy=rankdad", "comm.rank=4", "comm.error_feedback=false"],
     "rankdad-k1-noef": ["comm.strategy=rankdad", "comm.rank=1", "comm.error_feedback=false"],
     "rankdad-k4-twoway": ["comm.strategy=rankdad", "comm.rank=4", "comm.rankdad_mode=twoway"],
-    "rankdad-k4-bf16-rest16": ["comm.strategy=rankdad", "comm.rank=4", "comm.factor_dtype=bf16",
-                               "comm.rest_dtype=bf16"],
-    "rankdad-k3-bf16-rest16": ["comm.strategy=rankdad", "comm.rank=3", "comm.factor_dtype=bf16",
-                               "comm.rest_dtype=bf16"],
-    "rankdad-k2-bf16-rest16": ["comm.strategy=rankdad", "comm.rank=2", "comm.factor_dtype=bf16",
-                               "comm.rest_dtype=bf16"],
-    "rankdad-k2-bf16-rest16-pi2": ["comm.strategy=rankdad", "comm.rank=2", "comm.factor_dtype=bf16",
-                                   "comm.rest_dtype=bf16", "comm.power_iters=2"],
-    "rankdad-k2-bf16-rest16-pi4": ["comm.strategy=rankdad", "comm.rank=2", "comm.factor_dtype=bf16",
-                                   "comm.rest_dtype=bf16", "comm.power_iters=4"],
-    "rankdad-k1-bf16-rest16-pi2": ["comm.strategy=rankdad", "comm.rank=1", "comm.factor_dtype=bf16",
-                                   "comm.rest_dtype=bf16", "comm.power_iters=2"],
-    "rankdad-k1-bf16-rest16-pi4": ["comm.strategy=rankdad", "comm.rank=1", "comm.factor_dtype=bf16",
-                                   "comm.rest_dtype=bf16", "comm.power_iters=4"],
-    "rankdad-k2-fp16-rest16": ["comm.strategy=rankdad", "comm.rank=2", "comm.factor_dtype=fp16",
-                               "comm.rest_dtype=fp16"],
-    "rankdad-k1-bf16-rest16": ["comm.strategy=rankdad", "comm.rank=1", "comm.factor_dtype=bf16",
-                               "comm.rest_dtype=bf16"],
-    "auto-k2-bf16-rest16": ["comm.strategy=auto", "comm.rank=2", "comm.factor_dtype=bf16", "comm.rest_dtype=bf16",
-                            "comm.power_iters=2"],
+    "rankdad-k4-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    "rankdad-k3-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=3",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    "rankdad-k2-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=2",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    "rankdad-k2-bf16-rest16-pi2": [
+        "comm.strategy=rankdad",
+        "comm.rank=2",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.power_iters=2",
+    ],
+    "rankdad-k2-bf16-rest16-pi4": [
+        "comm.strategy=rankdad",
+        "comm.rank=2",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.power_iters=4",
+    ],
+    "rankdad-k1-bf16-rest16-pi2": [
+        "comm.strategy=rankdad",
+        "comm.rank=1",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.power_iters=2",
+    ],
+    "rankdad-k1-bf16-rest16-pi4": [
+        "comm.strategy=rankdad",
+        "comm.rank=1",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.power_iters=4",
+    ],
+    "rankdad-k2-fp16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=2",
+        "comm.factor_dtype=fp16",
+        "comm.rest_dtype=fp16",
+    ],
+    "rankdad-k1-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=1",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    "auto-k2-bf16-rest16": [
+        "comm.strategy=auto",
+        "comm.rank=2",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.power_iters=2",
+    ],
 }
 TINY_CONFIG = "tests/configs/tiny.yaml"
 TINY_VARIANTS = ["allreduce", "rankdad-k2-bf16-rest16-pi2"]
@@ -96,12 +143,26 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"[bytes_vs_accuracy] {label} seed {seed} ...", flush=True)
             r = train_run(args.config, overrides, run_dir, nproc=args.nproc, reuse=not args.fresh)
             s = r["summary"]
-            rows.append({"label": label, "seed": seed, "overrides": VARIANTS[label], "acc": s["final/val_acc"],
-                         "bytes": s["comm/bytes_per_step"], "ratio": s["compression_ratio"],
-                         "allreduce_bytes": s["comm/allreduce_bytes_per_step"], "wall_s": s["wall_s"],
-                         "step_s": s["time/step_s_mean"], "skipped": s["skipped_steps"], "load": r["load"]})
-            print(f"    acc {s['final/val_acc']:.4f}  {format_bytes(s['comm/bytes_per_step'])}/step  "
-                  f"{s['compression_ratio']:.1f}x", flush=True)
+            rows.append(
+                {
+                    "label": label,
+                    "seed": seed,
+                    "overrides": VARIANTS[label],
+                    "acc": s[metrics.FINAL_VAL_ACC],
+                    "bytes": s[metrics.COMM_BYTES_PER_STEP],
+                    "ratio": s[metrics.COMPRESSION_RATIO],
+                    "allreduce_bytes": s[metrics.COMM_ALLREDUCE_BYTES_PER_STEP],
+                    "wall_s": s[metrics.WALL_S],
+                    "step_s": s[metrics.TIME_STEP_S_MEAN],
+                    "skipped": s[metrics.SKIPPED_STEPS],
+                    "load": r["load"],
+                }
+            )
+            print(
+                f"    acc {s['final/val_acc']:.4f}  {format_bytes(s['comm/bytes_per_step'])}/step  "
+                f"{s['compression_ratio']:.1f}x",
+                flush=True,
+            )
     return rows
 
 
@@ -111,9 +172,11 @@ def table(rows: list[dict[str, Any]], labels: list[str]) -> tuple[str, dict[str,
         by.setdefault(r["label"], []).append(r)
     base = {r["seed"]: r["acc"] for r in by.get("allreduce", [])}
     agg: dict[str, dict[str, float]] = {}
-    lines = ["| variant | settings | bytes/step (1 rank) | × fewer than fp32 all-reduce | final val acc "
-             "| Δ acc vs allreduce (points, same seed) | within 1 point |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | settings | bytes/step (1 rank) | × fewer than fp32 all-reduce | final val acc "
+        "| Δ acc vs allreduce (points, same seed) | within 1 point |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label in labels:
         rs = by.get(label)
         if not rs:
@@ -125,24 +188,39 @@ def table(rows: list[dict[str, Any]], labels: list[str]) -> tuple[str, dict[str,
         settings = " ".join(o.replace("comm.", "") for o in rs[0]["overrides"])
         acc_txt = " / ".join(f"{a:.3f}" for a in accs)
         ok = "—" if label == "allreduce" or not deltas else ("yes" if delta >= -1.0 else "no")
-        lines.append(f"| {label} | `{settings}` | {format_bytes(rs[0]['bytes'])} | {rs[0]['ratio']:.1f}× | {acc_txt} "
-                     f"| {delta:+.1f} | {ok} |")
+        lines.append(
+            f"| {label} | `{settings}` | {format_bytes(rs[0]['bytes'])} | {rs[0]['ratio']:.1f}× | {acc_txt} "
+            f"| {delta:+.1f} | {ok} |"
+        )
     return "\n".join(lines), agg
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
-    ap.add_argument("--only", nargs="+", default=None, choices=list(VARIANTS), metavar="VARIANT",
-                    help=f"variants to run (default: all): {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"variants to run (default: all): {', '.join(VARIANTS)}",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
     ap.add_argument("--out", default="runs/bench/bytes")
     ap.add_argument("--fresh", action="store_true", help="re-run variants whose run directory exists")
-    ap.add_argument("--collect", action="store_true", help="train nothing: tabulate the finished runs under --out "
-                    "among the requested variants and seeds")
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: tabulate the finished runs under --out among the requested variants and seeds",
+    )
     ap.add_argument("--docs", type=Path, help="write the table into this markdown file's section")
     ap.add_argument("--json", type=Path, help="write the rows as JSON here")
     ap.add_argument("--tiny", action="store_true", help="smoke test: tiny model, a few steps, two variants")
@@ -168,11 +246,15 @@ def main() -> None:
             f"which {split['linear_weights']:,} in Linear weights and {split['rest']:,} in embeddings, LayerNorms and "
             f"biases); {args.nproc} processes (gloo, torchrun), the same seeds (of {seeds}) and steps"
             f"{' (' + ', '.join(steps) + ')' if steps else ''} for every variant. fp32 all-reduce payload: "
-            f"{format_bytes(rows[0]['allreduce_bytes'])}/step. Bytes and accuracy do not depend on machine load.")
-        command = (f"Command: `{command_line()}` tabulates the finished runs; each was trained by "
-                   f"`.venv/bin/python -m bench.bytes_vs_accuracy --config {args.config} --out {args.out} --only "
-                   "VARIANT --seeds SEED` (its resolved config is `config.yaml` in its run directory)."
-                   if args.collect else None)
+            f"{format_bytes(rows[0]['allreduce_bytes'])}/step. Bytes and accuracy do not depend on machine load."
+        )
+        command = (
+            f"Command: `{command_line()}` tabulates the finished runs; each was trained by "
+            f"`.venv/bin/python -m bench.bytes_vs_accuracy --config {args.config} --out {args.out} --only "
+            "VARIANT --seeds SEED` (its resolved config is `config.yaml` in its run directory)."
+            if args.collect
+            else None
+        )
         write_result(args.docs, SECTION.format(name=Path(args.config).stem), setup, loads, text, command=command)
 
 

@@ -10,6 +10,7 @@ step.
     .venv/bin/python -m bench.fpsa_step_time --docs docs/benchmarks.md        # ~2 min on 1 core
     .venv/bin/python -m bench.fpsa_step_time --tiny                           # seconds (smoke test)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from bench._common import ROOT, load, write_result
+from dtrain import metrics
 from dtrain.config import load_config
 from dtrain.data import build_task
 from dtrain.model import build_model
@@ -50,15 +52,27 @@ def step_fn(cfg, task, model, opt, batch) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--iters", nargs="+", type=int, default=[3, 4, 6], help="forced FPSA iteration counts")
-    ap.add_argument("--backwards", nargs="+", default=["phantom", "implicit", "implicit:fpsa.adj_max_iter=6"],
-                    help="fpsa.backward modes, each optionally with extra fpsa keys: implicit:fpsa.adj_max_iter=6")
-    ap.add_argument("--batch", type=int, default=None, help="examples per step (default: batch_size / 2, one "
-                    "rank's share on 2 ranks)")
+    ap.add_argument(
+        "--backwards",
+        nargs="+",
+        default=["phantom", "implicit", "implicit:fpsa.adj_max_iter=6"],
+        help="fpsa.backward modes, each optionally with extra fpsa keys: implicit:fpsa.adj_max_iter=6",
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="examples per step (default: batch_size / 2, one rank's share on 2 ranks)",
+    )
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
@@ -75,9 +89,17 @@ def main() -> None:
         extra_sets = [e for e in extra.split(",") if e]
         tag = f" ({', '.join(e.replace('fpsa.', '') for e in extra_sets)})" if extra_sets else ""
         for n in args.iters:
-            variants[f"fpsa {backward} n={n}{tag}"] = make(args.config, [
-                *args.set, "model.attention=fpsa", f"fpsa.backward={backward}", f"fpsa.max_iter={n}",
-                "fpsa.tol=1e-30", *extra_sets])
+            variants[f"fpsa {backward} n={n}{tag}"] = make(
+                args.config,
+                [
+                    *args.set,
+                    "model.attention=fpsa",
+                    f"fpsa.backward={backward}",
+                    f"fpsa.max_iter={n}",
+                    "fpsa.tol=1e-30",
+                    *extra_sets,
+                ],
+            )
     cfg0, task0 = variants["vanilla"][0], variants["vanilla"][1]
     batch_size = args.batch or max(1, cfg0.train.batch_size // 2)
     batches = [task0.batch("train", i * batch_size, batch_size) for i in range(4)]
@@ -88,7 +110,7 @@ def main() -> None:
     adj_iters: dict[str, list[float]] = {n: [] for n in names}
     loads = [load()]
     for r in range(args.repeats + 2):  # two warm-up rounds
-        rot = names[r % len(names):] + names[:r % len(names)]
+        rot = names[r % len(names) :] + names[: r % len(names)]
         for name in rot:
             cfg, task, model, opt = variants[name]
             t = step_fn(cfg, task, model, opt, batches[r % len(batches)])
@@ -96,21 +118,23 @@ def main() -> None:
                 times[name].append(t)
                 stats = model.fpsa_stats() if hasattr(model, "fpsa_stats") else {}
                 if stats:
-                    iters[name].append(stats["fpsa/iters_mean"])
-                    adj = [v for k, v in stats.items() if k.startswith("fpsa/adj_iters_l")]
+                    iters[name].append(stats[metrics.FPSA_ITERS_MEAN])
+                    adj = [v for k, v in stats.items() if k.startswith(metrics.FPSA_ADJ_ITERS_LAYER.split("{")[0])]
                     if adj:
                         adj_iters[name].append(sum(adj) / len(adj))
     loads.append(load())
 
     med = statistics.median
     base = times["vanilla"]
-    lines = ["| model | solver iterations (mean per token) | adjoint iterations (implicit) | step time median (ms) "
-             "| FPSA / vanilla (median of per-round ratios) | target ≤ 1.6× |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | solver iterations (mean per token) | adjoint iterations (implicit) | step time median (ms) "
+        "| FPSA / vanilla (median of per-round ratios) | target ≤ 1.6× |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         ratio = med([a / b for a, b in zip(times[name], base)])
         it = f"{med(iters[name]):.1f}" if iters[name] else "—"
-        ok = ("—" if name == "vanilla" else
-              "met" if ratio <= TARGET else f"not met (+{100 * (ratio / TARGET - 1):.0f}%)")
+        ok = "—" if name == "vanilla" else "met" if ratio <= TARGET else f"not met (+{100 * (ratio / TARGET - 1):.0f}%)"
         adj = f"{med(adj_iters[name]):.0f}" if adj_iters[name] else "—"
         lines.append(f"| {name} | {it} | {adj} | {1e3 * med(times[name]):.1f} | {ratio:.2f}× | {ok} |")
     table = "\n".join(lines)
@@ -120,6 +144,7 @@ def main() -> None:
         name = next(n for n in names if n != "vanilla")
         cfg, task, model, opt = variants[name]
         from torch.profiler import ProfilerActivity, profile
+
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for b in batches[:2]:
                 step_fn(cfg, task, model, opt, b)
@@ -128,12 +153,17 @@ def main() -> None:
 
     if args.docs:
         m = cfg0.model
-        write_result(args.docs, SECTION,
-                     f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), "
-                     f"{batch_size} examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + "
-                     f"backward + AdamW, one process, {args.threads} thread(s); the solver is forced to run exactly n "
-                     "iterations (`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
-                     f"{args.repeats} rounds after 2 warm-up rounds.", loads, table)
+        write_result(
+            args.docs,
+            SECTION,
+            f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), "
+            f"{batch_size} examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + "
+            f"backward + AdamW, one process, {args.threads} thread(s); the solver is forced to run exactly n "
+            "iterations (`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
+            f"{args.repeats} rounds after 2 warm-up rounds.",
+            loads,
+            table,
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ change a single bit).
 The workers run under torchrun (2 processes, gloo over 127.0.0.1, `-m bench.overlap --worker`); this script
 launches them itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,17 +82,34 @@ def worker(args: argparse.Namespace) -> None:
                 r["opt"].zero_grad(set_to_none=True)
                 t4 = time.perf_counter()
                 # the scheduler's report of this step (empty when the step was not overlapped)
-                trace = [{"layer": e.layer, "launch_ms": 1e3 * (e.launched - t2),
-                          "done_ms": 1e3 * ((e.done or t3) - t2), "in_backward": e.in_backward,
-                          "bytes": e.bytes} for e in strat.scheduler.last_round.layers]
-                r["steps"].append({"forward_ms": 1e3 * (t1 - t0), "backward_ms": 1e3 * (t2 - t1),
-                                   "sync_ms": 1e3 * (t3 - t2), "step_ms": 1e3 * (t4 - t0),
-                                   "comm_blocked_ms": 1e3 * stats.time_s, "bytes": stats.bytes_sent,
-                                   "trace": trace, "backward_start_ms": 1e3 * (t1 - t2)})
+                trace = [
+                    {
+                        "layer": e.layer,
+                        "launch_ms": 1e3 * (e.launched - t2),
+                        "done_ms": 1e3 * ((e.done or t3) - t2),
+                        "in_backward": e.in_backward,
+                        "bytes": e.bytes,
+                    }
+                    for e in strat.scheduler.last_round.layers
+                ]
+                r["steps"].append(
+                    {
+                        "forward_ms": 1e3 * (t1 - t0),
+                        "backward_ms": 1e3 * (t2 - t1),
+                        "sync_ms": 1e3 * (t3 - t2),
+                        "step_ms": 1e3 * (t4 - t0),
+                        "comm_blocked_ms": 1e3 * stats.time_s,
+                        "bytes": stats.bytes_sent,
+                        "trace": trace,
+                        "backward_start_ms": 1e3 * (t1 - t2),
+                    }
+                )
         a, b_ = (runs[label]["model"] for label, _ in VARIANTS)
         identical = all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b_.state_dict().values()))
-        out["strategies"][strategy] = {"identical": identical,
-                                       "runs": {label: runs[label]["steps"] for label, _ in VARIANTS}}
+        out["strategies"][strategy] = {
+            "identical": identical,
+            "runs": {label: runs[label]["steps"] for label, _ in VARIANTS},
+        }
         for label, _ in VARIANTS:
             runs[label]["strategy"].close()
     if rank == 0:
@@ -101,9 +119,11 @@ def worker(args: argparse.Namespace) -> None:
 
 def summarise(result: dict[str, Any], warmup: int) -> tuple[str, str]:
     med = statistics.median
-    lines = ["| strategy | collectives | bytes/step | backward (ms) | synchronize (ms) | blocked in collectives (ms) "
-             "| step (ms) | layers launched during backward | weights bitwise equal to the other mode |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | collectives | bytes/step | backward (ms) | synchronize (ms) | blocked in collectives (ms) "
+        "| step (ms) | layers launched during backward | weights bitwise equal to the other mode |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     timeline = []
     for strategy, res in result["strategies"].items():
         for label, steps in res["runs"].items():
@@ -111,29 +131,39 @@ def summarise(result: dict[str, Any], warmup: int) -> tuple[str, str]:
             launched = [sum(e["in_backward"] for e in st["trace"]) for st in s]
             n_layers = max((len(st["trace"]) for st in s), default=0)
             early = f"{med(launched):.0f} of {n_layers}" if label == "overlap" else "0 (by design)"
-            lines.append(f"| {strategy} | {label} | {format_bytes(s[0]['bytes'])} | {med([x['backward_ms'] for x in s]):.1f} "
-                         f"| {med([x['sync_ms'] for x in s]):.1f} | {med([x['comm_blocked_ms'] for x in s]):.1f} "
-                         f"| {med([x['step_ms'] for x in s]):.1f} | {early} | {'yes' if res['identical'] else 'NO'} |")
+            lines.append(
+                f"| {strategy} | {label} | {format_bytes(s[0]['bytes'])} | {med([x['backward_ms'] for x in s]):.1f} "
+                f"| {med([x['sync_ms'] for x in s]):.1f} | {med([x['comm_blocked_ms'] for x in s]):.1f} "
+                f"| {med([x['step_ms'] for x in s]):.1f} | {early} | {'yes' if res['identical'] else 'NO'} |"
+            )
         s = res["runs"]["overlap"][warmup:] or res["runs"]["overlap"]
         layers = [e["layer"] for e in s[0]["trace"]]
         if layers:
-            timeline.append(f"\n`{strategy}`, overlap on: per layer, in launch order, median over steps; times in ms "
-                            "relative to the end of `loss.backward()` (negative = during backward; backward started at "
-                            f"{med([x['backward_start_ms'] for x in s]):.1f} ms). \"completed\" is the first check "
-                            "that saw the collective done (at a later layer's launch, or in synchronize): an upper "
-                            "bound\n")
+            timeline.append(
+                f"\n`{strategy}`, overlap on: per layer, in launch order, median over steps; times in ms "
+                "relative to the end of `loss.backward()` (negative = during backward; backward started at "
+                f'{med([x["backward_start_ms"] for x in s]):.1f} ms). "completed" is the first check '
+                "that saw the collective done (at a later layer's launch, or in synchronize): an upper "
+                "bound\n"
+            )
             timeline.append("| layer | launched | completed | bytes sent |")
             timeline.append("|---|---|---|---|")
             for i, layer in enumerate(layers):
                 ev = [st["trace"][i] for st in s if len(st["trace"]) > i]
-                timeline.append(f"| {layer} | {med([e['launch_ms'] for e in ev]):+.1f} | "
-                                f"{med([e['done_ms'] for e in ev]):+.1f} | {ev[0]['bytes']:,} |")
+                timeline.append(
+                    f"| {layer} | {med([e['launch_ms'] for e in ev]):+.1f} | "
+                    f"{med([e['done_ms'] for e in ev]):+.1f} | {ev[0]['bytes']:,} |"
+                )
     return "\n".join(lines), "\n".join(timeline)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--strategies", nargs="+", default=["dad", "rankdad"])
@@ -153,14 +183,29 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
-        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(args.nproc), "-m", __spec__.name, "--worker",
-               "--result", str(result_path), "--config", args.config, "--steps", str(args.steps),
-               "--rank", str(args.rank), "--strategies", *args.strategies]
+        cmd = [
+            TORCHRUN,
+            "--standalone",
+            "--nproc-per-node",
+            str(args.nproc),
+            "-m",
+            __spec__.name,
+            "--worker",
+            "--result",
+            str(result_path),
+            "--config",
+            args.config,
+            "--steps",
+            str(args.steps),
+            "--rank",
+            str(args.rank),
+            "--strategies",
+            *args.strategies,
+        ]
         if args.set:
             cmd += ["--set", *args.set]
         load_before = load()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode:
             sys.exit(f"overlap workers failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         result = json.loads(result_path.read_text())
@@ -169,11 +214,17 @@ def main() -> None:
     print(table)
     print(timeline)
     if args.docs:
-        write_result(args.docs, SECTION,
-                     f"Model `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, {result['world']} "
-                     f"processes (gloo over 127.0.0.1, no shaping), rankdad rank {args.rank}; {args.steps} steps per "
-                     f"mode, the two modes interleaved in the same processes (ABBA), medians over steps after "
-                     f"{args.warmup} warm-up steps.", loads, table, timeline)
+        write_result(
+            args.docs,
+            SECTION,
+            f"Model `{args.config}`{' with ' + ' '.join(args.set) if args.set else ''}, {result['world']} "
+            f"processes (gloo over 127.0.0.1, no shaping), rankdad rank {args.rank}; {args.steps} steps per "
+            f"mode, the two modes interleaved in the same processes (ABBA), medians over steps after "
+            f"{args.warmup} warm-up steps.",
+            loads,
+            table,
+            timeline,
+        )
 
 
 if __name__ == "__main__":

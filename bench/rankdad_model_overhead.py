@@ -17,6 +17,7 @@ bench.rankdad_overhead` covers them on a GPU machine.
     .venv/bin/python -m bench.rankdad_model_overhead --docs docs/benchmarks.md     # ~1 min on 1 core
     .venv/bin/python -m bench.rankdad_model_overhead --tiny
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,12 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--batch", type=int, default=None, help="examples per step (default batch_size / 2)")
@@ -85,7 +90,7 @@ def main() -> None:
     for r in range(args.repeats + 2):
         b = batches[r % len(batches)]
         names = ["plain", *runs]
-        names = names[r % len(names):] + names[:r % len(names)]
+        names = names[r % len(names) :] + names[: r % len(names)]
         for name in names:
             if name == "plain":
                 loss = loss_of(plain, b)
@@ -111,28 +116,39 @@ def main() -> None:
 
     med = statistics.median
     plain_bwd = med(times["plain"]["backward"])
-    lines = [f"plain backward (autograd forms every weight gradient): **{1e3 * plain_bwd:.1f} ms** (median)", "",
-             "| rank-dAD variant | captured backward (ms) | compress = synchronize (ms) | compress / plain backward "
-             "| net: (captured backward + compress) / plain backward − 1 | target ≤ 10% |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"plain backward (autograd forms every weight gradient): **{1e3 * plain_bwd:.1f} ms** (median)",
+        "",
+        "| rank-dAD variant | captured backward (ms) | compress = synchronize (ms) | compress / plain backward "
+        "| net: (captured backward + compress) / plain backward − 1 | target ≤ 10% |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in runs:
         bwd, comp = med(times[name]["backward"]), med(times[name]["compress"])
         share = comp / plain_bwd
         net = (bwd + comp) / plain_bwd - 1
-        ok = "met" if share <= TARGET else (f"net met ({100 * net:+.0f}%), gross not" if net <= TARGET
-                                              else "not met")
+        ok = "met" if share <= TARGET else (f"net met ({100 * net:+.0f}%), gross not" if net <= TARGET else "not met")
         lines.append(f"| {name} | {1e3 * bwd:.1f} | {1e3 * comp:.1f} | {100 * share:.0f}% | {100 * net:+.0f}% | {ok} |")
     table = "\n".join(lines)
     print(table)
     if args.docs:
         m = cfg.model
-        write_result(args.docs, SECTION,
-                     f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {cfg.fpsa.backward} FPSA "
-                     f"backward), {batch_size} examples × {cfg.data.seq_len} tokens = {batch_size * cfg.data.seq_len} "
-                     f"rows per layer, one process, {args.threads} thread(s), world size 1 (no communication); "
-                     f"{args.repeats} rounds after 2 warm-up rounds, all variants interleaved in rotating order; "
-                     "medians. " + ("No GPU in this run: the BERT-base-sized GPU cases were not measured."
-                                    if not torch.cuda.is_available() else ""), loads, table)
+        write_result(
+            args.docs,
+            SECTION,
+            f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {cfg.fpsa.backward} FPSA "
+            f"backward), {batch_size} examples × {cfg.data.seq_len} tokens = {batch_size * cfg.data.seq_len} "
+            f"rows per layer, one process, {args.threads} thread(s), world size 1 (no communication); "
+            f"{args.repeats} rounds after 2 warm-up rounds, all variants interleaved in rotating order; "
+            "medians. "
+            + (
+                "No GPU in this run: the BERT-base-sized GPU cases were not measured."
+                if not torch.cuda.is_available()
+                else ""
+            ),
+            loads,
+            table,
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ under --out.
     .venv/bin/python -m bench.self_vs_vanilla --set data.task=listops data.seq_len=32 --seeds 0 1 \\
         --docs docs/model.md --plot docs/img/fpsa_iters_vs_difficulty.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench._common import command_line, machine, write_section
+from dtrain import metrics
 from dtrain.config import Config, dump_config, load_config
 from dtrain.data import Task
 from dtrain.distributed import DistEnv, init_distributed, shutdown
@@ -68,8 +70,9 @@ def check_same_start(model: SelfTransformer, initial: dict[str, torch.Tensor]) -
 
 
 @torch.no_grad()
-def probe_held_out(model: SelfTransformer, task: Task, cfg: Config,
-                   device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
+def probe_held_out(
+    model: SelfTransformer, task: Task, cfg: Config, device: torch.device
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """What the trainer's evaluation does not break down: the accuracy at the last position, and per FPSA layer
     the iterations each held-out example needed, with the examples' difficulties (same batches as evaluate)."""
     model.eval()
@@ -90,14 +93,21 @@ def probe_held_out(model: SelfTransformer, task: Task, cfg: Config,
 
 def train_and_measure(trainer: Trainer) -> Run:
     summary = trainer.run()
-    last_step = [row for row in read_metrics(trainer.path) if "train/loss" in row][-1]
-    last_accuracy, example_iters, difficulty = probe_held_out(trainer.model, trainer.task, trainer.cfg,
-                                                              trainer.env.device)
-    return Run(attention=trainer.cfg.model.attention, seed=trainer.cfg.train.seed, accuracy=summary["final/val_acc"],
-               last_accuracy=last_accuracy, seconds=summary["time/step_s_mean"] * summary["steps"],
-               final_loss=last_step["train/loss"],
-               fpsa_stats={k: v for k, v in last_step.items() if k.startswith("fpsa/")},
-               example_iters=example_iters, difficulty=difficulty)
+    last_step = [row for row in read_metrics(trainer.path) if metrics.TRAIN_LOSS in row][-1]
+    last_accuracy, example_iters, difficulty = probe_held_out(
+        trainer.model, trainer.task, trainer.cfg, trainer.env.device
+    )
+    return Run(
+        attention=trainer.cfg.model.attention,
+        seed=trainer.cfg.train.seed,
+        accuracy=summary[metrics.FINAL_VAL_ACC],
+        last_accuracy=last_accuracy,
+        seconds=summary[metrics.TIME_STEP_S_MEAN] * summary[metrics.STEPS],
+        final_loss=last_step[metrics.TRAIN_LOSS],
+        fpsa_stats={k: v for k, v in last_step.items() if k.startswith(metrics.FPSA_PREFIX)},
+        example_iters=example_iters,
+        difficulty=difficulty,
+    )
 
 
 def seed_pair(overrides: list[str], seed: int, out: Path, env: DistEnv) -> list[Run]:
@@ -130,9 +140,13 @@ def iteration_table(fpsa_runs: list[Run], max_bins: int) -> tuple[str, list[dict
         if not bool(chosen.any()):
             continue
         per_layer = [iters[i][chosen].double() for i in range(n_layers)]
-        row = {"low": low, "high": high, "n": int(chosen.sum()),
-               "mean": [float(x.mean()) for x in per_layer],
-               "median": [statistics.median(x.tolist()) for x in per_layer]}
+        row = {
+            "low": low,
+            "high": high,
+            "n": int(chosen.sum()),
+            "mean": [float(x.mean()) for x in per_layer],
+            "median": [statistics.median(x.tolist()) for x in per_layer],
+        }
         rows.append(row)
         label = str(low) if low == high else f"{low}-{high}"
         cells = " | ".join(f"{m:.2f} | {md:g}" for m, md in zip(row["mean"], row["median"]))
@@ -149,9 +163,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     centers = [(r["low"] + r["high"]) / 2 for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i in range(len(rows[0]["mean"])):
-        line, = ax.plot(centers, [r["mean"][i] for r in rows], marker="o", label=f"layer {i} mean")
-        ax.plot(centers, [r["median"][i] for r in rows], linestyle="--", marker="x", color=line.get_color(),
-                label=f"layer {i} median")
+        (line,) = ax.plot(centers, [r["mean"][i] for r in rows], marker="o", label=f"layer {i} mean")
+        ax.plot(
+            centers,
+            [r["median"][i] for r in rows],
+            linestyle="--",
+            marker="x",
+            color=line.get_color(),
+            label=f"layer {i} median",
+        )
     ax.set_xlabel("difficulty")
     ax.set_ylabel("FPSA iterations per example")
     ax.set_title(title, fontsize=9)
@@ -165,25 +185,33 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def report(cfg: Config, runs: list[Run], command: str, iters_table: str, plot_link: str | None) -> str:
     per_token = cfg.data.task in ("parity", "s5", "a5")
-    lines = [f"{SECTION}\n",
-             f"Command: `{command}`\n",
-             f"Machine: {machine()}.\n",
-             f"Task `{cfg.data.task}`, seq_len {cfg.data.seq_len}"
-             + (f", max_depth {cfg.data.max_depth}" if cfg.data.task == "listops" else "")
-             + f", {cfg.data.n_val} held-out examples. Model d_model={cfg.model.d_model}, {cfg.model.n_layers} "
-             f"layers, {cfg.model.n_heads} heads; {cfg.train.steps} steps of batch {cfg.train.batch_size}, lr "
-             f"{cfg.train.lr}. FPSA: max_iter {cfg.fpsa.max_iter}, tol {cfg.fpsa.tol}, damping "
-             f"{cfg.fpsa.damping}, backward {cfg.fpsa.backward}, reinject {cfg.fpsa.reinject}, spectral_norm "
-             f"{cfg.fpsa.spectral_norm}.\n",
-             "| seed | attention | held-out accuracy |" + (" last-position accuracy |" if per_token else "")
-             + " final train loss | train time (s) | FPSA iters/token, last step | FPSA converged, last step |",
-             "|---|---|---|" + ("---|" if per_token else "") + "---|---|---|---|"]
+    lines = [
+        f"{SECTION}\n",
+        f"Command: `{command}`\n",
+        f"Machine: {machine()}.\n",
+        f"Task `{cfg.data.task}`, seq_len {cfg.data.seq_len}"
+        + (f", max_depth {cfg.data.max_depth}" if cfg.data.task == "listops" else "")
+        + f", {cfg.data.n_val} held-out examples. Model d_model={cfg.model.d_model}, {cfg.model.n_layers} "
+        f"layers, {cfg.model.n_heads} heads; {cfg.train.steps} steps of batch {cfg.train.batch_size}, lr "
+        f"{cfg.train.lr}. FPSA: max_iter {cfg.fpsa.max_iter}, tol {cfg.fpsa.tol}, damping "
+        f"{cfg.fpsa.damping}, backward {cfg.fpsa.backward}, reinject {cfg.fpsa.reinject}, spectral_norm "
+        f"{cfg.fpsa.spectral_norm}.\n",
+        "| seed | attention | held-out accuracy |"
+        + (" last-position accuracy |" if per_token else "")
+        + " final train loss | train time (s) | FPSA iters/token, last step | FPSA converged, last step |",
+        "|---|---|---|" + ("---|" if per_token else "") + "---|---|---|---|",
+    ]
     for r in runs:
-        stats = (f"{r.fpsa_stats['fpsa/iters_mean']:.2f} | {r.fpsa_stats['fpsa/converged_frac']:.2f}"
-                 if r.fpsa_stats else "- | -")
-        lines.append(f"| {r.seed} | {r.attention} | {r.accuracy:.4f} |"
-                     + (f" {r.last_accuracy:.4f} |" if per_token else "")
-                     + f" {r.final_loss:.4f} | {r.seconds:.0f} | {stats} |")
+        stats = (
+            f"{r.fpsa_stats[metrics.FPSA_ITERS_MEAN]:.2f} | {r.fpsa_stats[metrics.FPSA_CONVERGED_FRAC]:.2f}"
+            if r.fpsa_stats
+            else "- | -"
+        )
+        lines.append(
+            f"| {r.seed} | {r.attention} | {r.accuracy:.4f} |"
+            + (f" {r.last_accuracy:.4f} |" if per_token else "")
+            + f" {r.final_loss:.4f} | {r.seconds:.0f} | {stats} |"
+        )
     for attention in ("vanilla", "fpsa"):
         accs = [r.accuracy for r in runs if r.attention == attention]
         lines.append(f"\nMean held-out accuracy, {attention}: {statistics.mean(accs):.4f} over {len(accs)} seed(s).")
@@ -195,15 +223,20 @@ def report(cfg: Config, runs: list[Run], command: str, iters_table: str, plot_li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--bins", type=int, default=8, help="at most this many difficulty bins in the table")
     parser.add_argument("--docs", type=Path, help="replace the results section of this markdown file")
     parser.add_argument("--plot", type=Path, help="write the iterations-against-difficulty plot here (PNG)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/self_vs_vanilla"),
-                        help="run directories, one per attention and seed (ATTENTION-sSEED)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench/self_vs_vanilla"),
+        help="run directories, one per attention and seed (ATTENTION-sSEED)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(None, args.set)
@@ -212,8 +245,11 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         for r in seed_pair(args.set, seed, args.out, env):
-            print(f"seed {seed} {r.attention}: accuracy {r.accuracy:.4f} last {r.last_accuracy:.4f} "
-                  f"loss {r.final_loss:.4f} {r.seconds:.0f}s {r.fpsa_stats}", flush=True)
+            print(
+                f"seed {seed} {r.attention}: accuracy {r.accuracy:.4f} last {r.last_accuracy:.4f} "
+                f"loss {r.final_loss:.4f} {r.seconds:.0f}s {r.fpsa_stats}",
+                flush=True,
+            )
             runs.append(r)
     shutdown()
     table, rows = iteration_table([r for r in runs if r.attention == "fpsa"], args.bins)

@@ -13,6 +13,7 @@ hidden behind backward); the same short runs give the step time with and without
     sudo .venv/bin/python -m bench.time_to_accuracy --docs docs/benchmarks.md          # ~30 min on 2 cores
     sudo .venv/bin/python -m bench.time_to_accuracy --tiny                             # ~1 min (smoke test)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,10 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bench._common import command_line, launch_script, load_note, machine, train_run, write_section
+from dtrain import metrics
 from dtrain.metrics import format_bytes
 
 rate_bits = launch_script("netns_cluster").rate_bits  # the link cap the cluster applies, parsed the same way
@@ -34,19 +36,38 @@ TTA_VARIANTS: dict[str, list[str]] = {
     "ddp-powersgd-k1": ["comm.strategy=ddp-powersgd", "comm.rank=1"],
     "ddp-powersgd-k2": ["comm.strategy=ddp-powersgd", "comm.rank=2"],
     "ddp-powersgd-k4": ["comm.strategy=ddp-powersgd", "comm.rank=4"],
-    "rankdad-k4-bf16-rest16": ["comm.strategy=rankdad", "comm.rank=4", "comm.factor_dtype=bf16",
-                               "comm.rest_dtype=bf16"],
-    "rankdad-k2-bf16-rest16-pi2": ["comm.strategy=rankdad", "comm.rank=2", "comm.factor_dtype=bf16",
-                                   "comm.rest_dtype=bf16", "comm.power_iters=2"],
+    "rankdad-k4-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    "rankdad-k2-bf16-rest16-pi2": [
+        "comm.strategy=rankdad",
+        "comm.rank=2",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.power_iters=2",
+    ],
 }
 EFF_VARIANTS: dict[str, list[str]] = {
     "allreduce": ["comm.strategy=allreduce"],
     "dad (overlap off)": ["comm.strategy=dad", "comm.overlap=false"],
     "dad (overlap on)": ["comm.strategy=dad", "comm.overlap=true"],
-    "rankdad-k4-bf16-rest16 (overlap off)": ["comm.strategy=rankdad", "comm.rank=4", "comm.factor_dtype=bf16",
-                                             "comm.rest_dtype=bf16", "comm.overlap=false"],
-    "rankdad-k4-bf16-rest16 (overlap on)": ["comm.strategy=rankdad", "comm.rank=4", "comm.factor_dtype=bf16",
-                                            "comm.rest_dtype=bf16", "comm.overlap=true"],
+    "rankdad-k4-bf16-rest16 (overlap off)": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.overlap=false",
+    ],
+    "rankdad-k4-bf16-rest16 (overlap on)": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.overlap=true",
+    ],
 }
 TINY = {"config": "tests/configs/tiny.yaml", "set": ["train.steps=4", "eval.every=2"], "target": 0.0}
 
@@ -55,14 +76,14 @@ def slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label).strip("_")
 
 
-def time_to_target(metrics: list[dict[str, Any]], target: float) -> tuple[Optional[int], Optional[float]]:
+def time_to_target(metrics: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
     """(step, summed step seconds up to it) of the first eval row with val/acc >= target; (None, None) if never."""
     elapsed, seconds_at = 0.0, {}
     for row in metrics:
-        if "time/step_s" in row:
-            elapsed += row["time/step_s"]
+        if metrics.TIME_STEP_S in row:
+            elapsed += row[metrics.TIME_STEP_S]
             seconds_at[row["step"]] = elapsed
-        elif "val/acc" in row and row["val/acc"] >= target:
+        elif metrics.VAL_ACC in row and row[metrics.VAL_ACC] >= target:
             return row["step"], seconds_at.get(row["step"], elapsed)
     return None, None
 
@@ -77,8 +98,12 @@ def netns_counters(run_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {__spec__.name}",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--rate", default="100mbit")
@@ -107,83 +132,139 @@ def main() -> None:
     tta_rows = []
     for label in only:
         print(f"[time_to_accuracy] {label} over {args.rate} ...", flush=True)
-        r = train_run(args.config, [*TTA_VARIANTS[label], *args.set], out / label, rate=args.rate, hosts=2,
-                      timeout=args.timeout, reuse=not args.fresh)
+        r = train_run(
+            args.config,
+            [*TTA_VARIANTS[label], *args.set],
+            out / label,
+            rate=args.rate,
+            hosts=2,
+            timeout=args.timeout,
+            reuse=not args.fresh,
+        )
         loads += r["load"]
         s, m = r["summary"], r["metrics"]
         step, secs = time_to_target(m, args.target)
-        steps_s = [row["time/step_s"] for row in m if "time/step_s" in row]
-        tta_rows.append({"label": label, "bytes": s["comm/bytes_per_step"], "wire": s["comm/wire_bytes_per_step"],
-                         "step_s": statistics.median(steps_s), "acc": s["final/val_acc"], "step": step, "secs": secs})
+        steps_s = [row[metrics.TIME_STEP_S] for row in m if metrics.TIME_STEP_S in row]
+        tta_rows.append(
+            {
+                "label": label,
+                "bytes": s[metrics.COMM_BYTES_PER_STEP],
+                "wire": s[metrics.COMM_WIRE_BYTES_PER_STEP],
+                "step_s": statistics.median(steps_s),
+                "acc": s[metrics.FINAL_VAL_ACC],
+                "step": step,
+                "secs": secs,
+            }
+        )
         print(f"    target step {step}, {secs} s, final acc {s['final/val_acc']:.3f}", flush=True)
 
     eff_rows = []
     for label in eff_only:
         print(f"[time_to_accuracy] efficiency: {label} over {args.rate} ...", flush=True)
         run_dir = out / f"eff-{slug(label)}"
-        r = train_run(args.config, [*EFF_VARIANTS[label], *args.set, f"train.steps={args.eff_steps}",
-                                    "eval.every=0"], run_dir, rate=args.rate, hosts=2, timeout=args.timeout,
-                      reuse=not args.fresh)
+        r = train_run(
+            args.config,
+            [*EFF_VARIANTS[label], *args.set, f"train.steps={args.eff_steps}", "eval.every=0"],
+            run_dir,
+            rate=args.rate,
+            hosts=2,
+            timeout=args.timeout,
+            reuse=not args.fresh,
+        )
         loads += r["load"]
-        m = [row for row in r["metrics"] if "time/step_s" in row][2:] or r["metrics"]  # drop 2 warm-up steps
-        comm = statistics.median(row["comm/time_s"] for row in m)
-        wire = statistics.median(row["comm/wire_bytes"] for row in m)
-        step_s = statistics.median(row["time/step_s"] for row in m)
+        m = [row for row in r["metrics"] if metrics.TIME_STEP_S in row][2:] or r["metrics"]  # drop 2 warm-up steps
+        comm = statistics.median(row[metrics.COMM_TIME_S] for row in m)
+        wire = statistics.median(row[metrics.COMM_WIRE_BYTES] for row in m)
+        step_s = statistics.median(row[metrics.TIME_STEP_S] for row in m)
         counters = netns_counters(run_dir)
         tx_per_step = counters.get("tx_bytes", float("nan")) / max(1, args.eff_steps)
-        eff_rows.append({"label": label, "wire": wire, "ideal_s": wire * 8 / bits, "comm_s": comm,
-                         "step_s": step_s, "tx_per_step": tx_per_step})
+        eff_rows.append(
+            {
+                "label": label,
+                "wire": wire,
+                "ideal_s": wire * 8 / bits,
+                "comm_s": comm,
+                "step_s": step_s,
+                "tx_per_step": tx_per_step,
+            }
+        )
 
     ddp = next((r for r in tta_rows if r["label"] == "ddp"), None)
     psgd = [r for r in tta_rows if r["label"].startswith("ddp-powersgd") and r["secs"] is not None]
     best_psgd = min(psgd, key=lambda r: r["secs"]) if psgd else None
-    lines = [f"| strategy | bytes/step (1 rank) | wire bytes/step | step time median (s) | steps to acc ≥ "
-             f"{args.target:.2f} | time to acc ≥ {args.target:.2f} (s) | speed-up vs ddp | final val acc |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| strategy | bytes/step (1 rank) | wire bytes/step | step time median (s) | steps to acc ≥ "
+        f"{args.target:.2f} | time to acc ≥ {args.target:.2f} (s) | speed-up vs ddp | final val acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in tta_rows:
-        speed = (f"{ddp['secs'] / r['secs']:.2f}×" if ddp and ddp["secs"] and r["secs"] else "—")
+        speed = f"{ddp['secs'] / r['secs']:.2f}×" if ddp and ddp["secs"] and r["secs"] else "—"
         secs = f"{r['secs']:.1f}" if r["secs"] is not None else "not reached"
-        lines.append(f"| {r['label']} | {format_bytes(r['bytes'])} | {format_bytes(r['wire'])} | {r['step_s']:.3f} "
-                     f"| {r['step'] if r['step'] is not None else '—'} | {secs} | {speed} | {r['acc']:.3f} |")
+        lines.append(
+            f"| {r['label']} | {format_bytes(r['bytes'])} | {format_bytes(r['wire'])} | {r['step_s']:.3f} "
+            f"| {r['step'] if r['step'] is not None else '—'} | {secs} | {speed} | {r['acc']:.3f} |"
+        )
     tta_table = "\n".join(lines)
     verdicts = []
     rankdad = [r for r in tta_rows if r["label"].startswith("rankdad") and r["secs"] is not None]
     if rankdad and ddp and ddp["secs"]:
         best = min(rankdad, key=lambda r: r["secs"])
-        verdicts.append(f"- best rankdad ({best['label']}) vs ddp: {ddp['secs'] / best['secs']:.2f}× faster to "
-                        f"{args.target:.2f} (target ≥ 5×: {'met' if ddp['secs'] / best['secs'] >= 5 else 'not met'})")
+        verdicts.append(
+            f"- best rankdad ({best['label']}) vs ddp: {ddp['secs'] / best['secs']:.2f}× faster to "
+            f"{args.target:.2f} (target ≥ 5×: {'met' if ddp['secs'] / best['secs'] >= 5 else 'not met'})"
+        )
         if best_psgd:
-            verdicts.append(f"- vs ddp-powersgd at its best rank ({best_psgd['label']}): "
-                            f"{best_psgd['secs'] / best['secs']:.2f}× (target > 1×: "
-                            f"{'met' if best_psgd['secs'] > best['secs'] else 'not met'})")
+            verdicts.append(
+                f"- vs ddp-powersgd at its best rank ({best_psgd['label']}): "
+                f"{best_psgd['secs'] / best['secs']:.2f}× (target > 1×: "
+                f"{'met' if best_psgd['secs'] > best['secs'] else 'not met'})"
+            )
 
-    lines = ["| strategy | wire bytes/step (median) | wire / link rate (ms) | measured comm time/step (ms, median) "
-             "| measured / ideal | target ≤ 1.3× | eth0 tx bytes/step (incl. headers, eval, setup) "
-             "| step time median (ms) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| strategy | wire bytes/step (median) | wire / link rate (ms) | measured comm time/step (ms, median) "
+        "| measured / ideal | target ≤ 1.3× | eth0 tx bytes/step (incl. headers, eval, setup) "
+        "| step time median (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in eff_rows:
         ratio = r["comm_s"] / r["ideal_s"] if r["ideal_s"] else float("nan")
         overlapped = "overlap on" in r["label"]
-        ok = ("n/a (overlapped: time blocked, not transfer time)" if overlapped
-              else ("met" if ratio <= 1.3 else f"not met ({ratio / 1.3:.2f}× over)"))
-        lines.append(f"| {r['label']} | {format_bytes(r['wire'])} | {1e3 * r['ideal_s']:.1f} | {1e3 * r['comm_s']:.1f} "
-                     f"| {ratio:.2f}× | {ok} | {format_bytes(r['tx_per_step'])} | {1e3 * r['step_s']:.0f} |")
+        ok = (
+            "n/a (overlapped: time blocked, not transfer time)"
+            if overlapped
+            else ("met" if ratio <= 1.3 else f"not met ({ratio / 1.3:.2f}× over)")
+        )
+        lines.append(
+            f"| {r['label']} | {format_bytes(r['wire'])} | {1e3 * r['ideal_s']:.1f} | {1e3 * r['comm_s']:.1f} "
+            f"| {ratio:.2f}× | {ok} | {format_bytes(r['tx_per_step'])} | {1e3 * r['step_s']:.0f} |"
+        )
     eff_table = "\n".join(lines)
     print(tta_table, "\n".join(verdicts), eff_table, sep="\n\n")
     if args.docs:
-        text = "\n".join([
-            SECTION, "",
-            f"2 hosts (network namespaces on one machine, `launch/netns_cluster --hosts 2 --rate {args.rate}`), one "
-            f"process each, gloo over the capped veth links; model `{args.config}`"
-            f"{' with ' + ' '.join(args.set) if args.set else ''}, same seed and steps for every strategy. Time to "
-            "target = summed `time/step_s` (evaluation excluded) up to the first evaluation at or above the target.",
-            "",
-            f"Machine: {machine()}; {load_note(loads)} (both hosts share the machine's cores).",
-            "",
-            f"Command: `{command_line()}`",
-            "",
-            tta_table, "", *verdicts, "",
-            f"Communication efficiency ({args.eff_steps}-step runs, first 2 steps dropped, {args.rate}):", "",
-            eff_table, ""])
+        text = "\n".join(
+            [
+                SECTION,
+                "",
+                f"2 hosts (network namespaces on one machine, `launch/netns_cluster --hosts 2 --rate {args.rate}`), "
+                f"one process each, gloo over the capped veth links; model `{args.config}`"
+                f"{' with ' + ' '.join(args.set) if args.set else ''}, same seed and steps for every strategy. Time "
+                "to target = summed `time/step_s` (evaluation excluded) up to the first evaluation at or above the "
+                "target.",
+                "",
+                f"Machine: {machine()}; {load_note(loads)} (both hosts share the machine's cores).",
+                "",
+                f"Command: `{command_line()}`",
+                "",
+                tta_table,
+                "",
+                *verdicts,
+                "",
+                f"Communication efficiency ({args.eff_steps}-step runs, first 2 steps dropped, {args.rate}):",
+                "",
+                eff_table,
+                "",
+            ]
+        )
         write_section(args.docs, text)
 
 

@@ -1,2 +1,3 @@
 """dtrain: distributed training for PyTorch."""
+
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ the newest checkpoint whose manifest verifies is used; a corrupt one is skipped 
 previous one. Run directories are assumed to be on a file system every rank can see (one machine, or a
 shared volume).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,9 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +71,7 @@ def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def verify(directory: Path) -> Optional[str]:
+def verify(directory: Path) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not."""
     meta_path = directory / "meta.json"
     if not meta_path.exists():
@@ -94,13 +96,14 @@ def verify(directory: Path) -> Optional[str]:
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.exists():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX):]))
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
 class Checkpointer:
-    def __init__(self, root: Path, rank: int, world_size: int, keep: int = 2,
-                 warn: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, root: Path, rank: int, world_size: int, keep: int = 2, warn: Callable[[str], None] = print
+    ) -> None:
         self.root = root
         self.rank = rank
         self.world_size = world_size
@@ -108,8 +111,15 @@ class Checkpointer:
         self.warn = warn
 
     # ---------------------------------------------------------------------------------------- save
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             local_state: dict[str, Any], meta: dict[str, Any], engine: Any = None) -> Path:
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        local_state: dict[str, Any],
+        meta: dict[str, Any],
+        engine: Any = None,
+    ) -> Path:
         """`engine`: when its `state_format` is set, it saves model + optimizer (`engine.save_state`), not DCP."""
         final = self.root / f"{_PREFIX}{step:08d}"
         partial = final.with_name(final.name + ".partial")
@@ -127,8 +137,9 @@ class Checkpointer:
         faults.fire("checkpoint", step, self.rank)
         barrier()
         if self.rank == 0:
-            full_meta = dict(meta, step=step, world_size=self.world_size, state_format=state_format,
-                             manifest=_manifest(partial))
+            full_meta = dict(
+                meta, step=step, world_size=self.world_size, state_format=state_format, manifest=_manifest(partial)
+            )
             write_json_atomic(partial / "meta.json", full_meta)
             _fsync_dir(partial)
             if final.exists():  # re-saving a step after a resume: swap, never leave no checkpoint
@@ -145,33 +156,36 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        for old in list_checkpoints(self.root)[:-self.keep]:
+        for old in list_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stray in self.root.glob(f"{_PREFIX}*.partial"):
             shutil.rmtree(stray, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------- load
-    def latest_valid(self) -> Optional[Path]:
+    def latest_valid(self) -> Path | None:
         """Rank 0 picks the newest intact checkpoint; every rank gets the same answer."""
         chosen = -1
         if self.rank == 0:
             for path in reversed(list_checkpoints(self.root)):
                 reason = verify(path)
                 if reason is None:
-                    chosen = int(path.name[len(_PREFIX):])
+                    chosen = int(path.name[len(_PREFIX) :])
                     break
                 self.warn(f"checkpoint {path} is unusable ({reason}); trying the previous one")
         chosen = int(broadcast_(torch.tensor([chosen], dtype=torch.int64), src=0).item())
         return None if chosen < 0 else self.root / f"{_PREFIX}{chosen:08d}"
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             engine: Any = None) -> tuple[dict, dict]:
+    def load(
+        self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine: Any = None
+    ) -> tuple[dict, dict]:
         """Restore model and optimizer in place; returns (meta, this rank's local state)."""
         meta = json.loads((path / "meta.json").read_text())
         saved, wanted = meta.get("state_format", "dcp"), _state_format(engine)
         if saved != wanted:
-            raise ConfigError(f"checkpoint {path} stores model and optimizer as {saved!r}, this run needs {wanted!r} "
-                              "(train.engine or train.zero_stage differ from the run that wrote it)")
+            raise ConfigError(
+                f"checkpoint {path} stores model and optimizer as {saved!r}, this run needs {wanted!r} "
+                "(train.engine or train.zero_stage differ from the run that wrote it)"
+            )
         if wanted == "dcp":
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
@@ -179,17 +193,21 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             if meta.get("world_size") != self.world_size:
-                raise ConfigError(f"checkpoint {path} holds optimizer state partitioned over {meta.get('world_size')} "
-                                  f"ranks ({saved}); resume it with {meta.get('world_size')} ranks, not "
-                                  f"{self.world_size}")
+                raise ConfigError(
+                    f"checkpoint {path} holds optimizer state partitioned over {meta.get('world_size')} "
+                    f"ranks ({saved}); resume it with {meta.get('world_size')} ranks, not "
+                    f"{self.world_size}"
+                )
             engine.load_state(path)
         local_path = path / f"rank{self.rank}.pt"
         local: dict[str, Any] = {}
         if meta.get("world_size") == self.world_size and local_path.exists():
             local = torch.load(local_path, weights_only=False)
         elif self.rank == 0:
-            self.warn(f"checkpoint was written by {meta.get('world_size')} ranks, this job has {self.world_size}: "
-                      "restoring model and optimizer; per-rank strategy memory and RNG start fresh")
+            self.warn(
+                f"checkpoint was written by {meta.get('world_size')} ranks, this job has {self.world_size}: "
+                "restoring model and optimizer; per-rank strategy memory and RNG start fresh"
+            )
         return meta, local
 
 

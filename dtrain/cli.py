@@ -3,13 +3,14 @@
 Errors a user can fix (bad config, missing file, unwritable run directory) print one line and exit 2; any
 other failure prints one line and exits 1. `--debug` shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .config import ConfigError
@@ -17,7 +18,7 @@ from .config import ConfigError
 _LOCAL_RANK = re.compile(r"^--local[-_]rank(?:=(\d+))?$")
 
 
-def _pop_local_rank(argv: list[str]) -> tuple[list[str], Optional[int]]:
+def _pop_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
     """Accept `--local_rank=N` (deepspeed launcher, placed before the subcommand) and `--local-rank N`
     (torch.distributed.launch) anywhere on the line."""
     out, rank, i = [], None, 0
@@ -36,16 +37,32 @@ def _pop_local_rank(argv: list[str]) -> tuple[list[str], Optional[int]]:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtrain", description="Distributed training with dAD / rank-dAD gradient "
-                                "communication for the SELF-Transformer.")
+    p = argparse.ArgumentParser(
+        prog="dtrain",
+        description="Distributed training with dAD / rank-dAD gradient communication for the SELF-Transformer.",
+    )
     p.add_argument("--version", action="version", version=f"dtrain {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,sweep,report,info}")
 
-    t = sub.add_parser("train", help="train one run (plain process, torchrun or deepspeed launcher)")
+    from .compression.registry import help_text
+
+    t = sub.add_parser(
+        "train",
+        help="train one run (plain process, torchrun or deepspeed launcher)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="comm.strategy (--set comm.strategy=NAME):\n" + help_text(),
+    )
     t.add_argument("--config", required=True, help="YAML config file")
-    t.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set train.steps=50 comm.strategy=dad")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set train.steps=50 comm.strategy=dad",
+    )
     t.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in the run dir")
     t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -63,14 +80,13 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_train(args: argparse.Namespace, local_rank: Optional[int]) -> int:
-    from .config import load_config
+def cmd_train(args: argparse.Namespace, local_rank: int | None) -> int:
+    from .config import check_world_size, load_config
     from .distributed import init_distributed, launched_world_size, shutdown
 
     cfg = load_config(args.config, args.overrides)  # validated before any process group exists
     world = launched_world_size()
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
+    check_world_size(cfg, world)
     if cfg.train.engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     env = init_distributed(cfg.comm.timeout_s, local_rank)
@@ -103,9 +119,16 @@ def cmd_info() -> int:
         except Exception as err:  # noqa: BLE001 - info must never fail
             return f"not available ({type(err).__name__})"
 
-    backends = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()),
-                                      ("mpi", dist.is_mpi_available()),
-                                      ("ucc", getattr(dist, "is_ucc_available", lambda: False)())) if ok]
+    backends = [
+        name
+        for name, ok in (
+            ("gloo", dist.is_gloo_available()),
+            ("nccl", dist.is_nccl_available()),
+            ("mpi", dist.is_mpi_available()),
+            ("ucc", getattr(dist, "is_ucc_available", lambda: False)()),
+        )
+        if ok
+    ]
     print(f"dtrain     {__version__}")
     print(f"python     {platform.python_version()} ({sys.executable})")
     print(f"torch      {torch.__version__}")
@@ -123,7 +146,7 @@ def cmd_info() -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv, local_rank = _pop_local_rank(list(sys.argv[1:] if argv is None else argv))
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -156,8 +179,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank not in (None, "0") else ""
-        print(f"dtrain: error{where}: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"dtrain: error{where}: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr
+        )
         return 1
 
 

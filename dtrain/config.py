@@ -4,11 +4,12 @@ A YAML file plus `--set key.path=value` overrides become a `Config`. Validation 
 process group exists, and every problem is reported as one line naming the key, the bad value and what is
 allowed (`ConfigError`).
 """
+
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,8 +19,18 @@ from .compression.registry import EXACT_STRATEGIES, STRATEGIES, STRATEGY_NAMES, 
 #: `data.task` values (generated from a seed, no downloads); dtrain.data builds each
 TASK_NAMES = ("parity", "s5", "a5", "listops")
 
-__all__ = ["Config", "ConfigError", "EXACT_STRATEGIES", "STRATEGY_NAMES", "STRATEGIES", "TASK_NAMES", "check_world_size",
-           "config_from_dict", "dump_config", "load_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EXACT_STRATEGIES",
+    "STRATEGY_NAMES",
+    "STRATEGIES",
+    "TASK_NAMES",
+    "check_world_size",
+    "config_from_dict",
+    "dump_config",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
@@ -35,17 +46,19 @@ class ModelConfig(_Section):
     d_model: int = Field(64, ge=8)
     n_layers: int = Field(2, ge=1)
     n_heads: int = Field(4, ge=1)
-    d_ff: Optional[int] = Field(None, ge=1, description="feed-forward width; default 4*d_model")
+    d_ff: int | None = Field(None, ge=1, description="feed-forward width; default 4*d_model")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     learned_temperature: bool = Field(
         False, description="FPSA only: a learned per-head temperature. ADDS n_heads parameters per layer."
     )
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         if self.learned_temperature and self.attention != "fpsa":
-            raise ValueError("model.learned_temperature=true needs model.attention=fpsa (vanilla attention has no "
-                             "temperature parameter)")
+            raise ValueError(
+                "model.learned_temperature=true needs model.attention=fpsa (vanilla attention has no "
+                "temperature parameter)"
+            )
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         return self
@@ -84,7 +97,7 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables")
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = Field(0, ge=0, le=3)
-    deepspeed_config: Optional[str] = Field(None, description="a ds_config JSON merged over the generated one")
+    deepspeed_config: str | None = Field(None, description="a ds_config JSON merged over the generated one")
     comms_logger: bool = False
     nan_policy: Literal["skip", "stop"] = "skip"
     consistency_every: int = Field(0, ge=0, description="replica checksum every N steps; 0 disables")
@@ -97,8 +110,12 @@ class CommConfig(_Section):
     rank: int = Field(4, ge=1, description="compression rank (powersgd, ddp-powersgd, rankdad)")
     power_iters: int = Field(1, ge=1, description="subspace iterations per step (rankdad)")
     rankdad_mode: Literal["oneway", "twoway"] = "oneway"
-    spectrum_every: int = Field(10, ge=0, description="rankdad: log each layer's singular values and effective "
-                                "rank every this many steps (0: never); an SVD per layer, so not every step")
+    spectrum_every: int = Field(
+        10,
+        ge=0,
+        description="rankdad: log each layer's singular values and effective "
+        "rank every this many steps (0: never); an SVD per layer, so not every step",
+    )
     error_feedback: bool = True
     warm_start: bool = True
     start_step: int = Field(2, ge=1, description="powersgd: steps of plain all-reduce before compressing")
@@ -106,14 +123,19 @@ class CommConfig(_Section):
     factor_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     bucket_mb: float = Field(25.0, gt=0.0)
     rest_dtype: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="dad/rankdad/auto: dtype of the uncaptured gradients (biases, norms, embeddings); "
-        "bf16/fp16 travel in one all-gather with error feedback (lossy), fp32 is the exact all-reduce")
-    overlap: bool = Field(True, description="dad/rankdad/auto: start each Linear layer's collective during "
-                          "backward, as soon as its last Δ arrives, instead of after backward")
+        "fp32",
+        description="dad/rankdad/auto: dtype of the uncaptured gradients (biases, norms, embeddings); "
+        "bf16/fp16 travel in one all-gather with error feedback (lossy), fp32 is the exact all-reduce",
+    )
+    overlap: bool = Field(
+        True,
+        description="dad/rankdad/auto: start each Linear layer's collective during "
+        "backward, as soon as its last Δ arrives, instead of after backward",
+    )
     timeout_s: float = Field(300.0, gt=0.0, description="a collective that takes longer fails the job")
 
     @model_validator(mode="after")
-    def _strategy_rules(self) -> "CommConfig":
+    def _strategy_rules(self) -> CommConfig:
         self.options()
         return self
 
@@ -140,8 +162,8 @@ class LogConfig(_Section):
 
 
 class RunConfig(_Section):
-    dir: Optional[str] = Field(None, description="default: runs/<config name>-<strategy>-w<world size>")
-    name: Optional[str] = None
+    dir: str | None = Field(None, description="default: runs/<config name>-<strategy>-w<world size>")
+    name: str | None = None
 
 
 class Config(_Section):
@@ -156,7 +178,7 @@ class Config(_Section):
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
-    def _combinations(self) -> "Config":
+    def _combinations(self) -> Config:
         t = self.train
         if t.engine == "deepspeed" and t.zero_stage >= 2 and self.comm.strategy != "allreduce":
             # (with allreduce the config is valid, but the DeepSpeed engine refuses ZeRO-2/3 too: see
@@ -167,9 +189,11 @@ class Config(_Section):
                 "train.zero_stage=1 (partitioned optimizer state, fed the strategy's gradient) or 0"
             )
         if t.engine == "deepspeed" and self.comm.strategy in ("ddp", "ddp-powersgd"):
-            raise ValueError(f"comm.strategy={self.comm.strategy!r} wraps the model in DistributedDataParallel, "
-                             "which cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad "
-                             "or auto")
+            raise ValueError(
+                f"comm.strategy={self.comm.strategy!r} wraps the model in DistributedDataParallel, "
+                "which cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad "
+                "or auto"
+            )
         if t.engine == "torch" and t.zero_stage:
             raise ValueError(f"train.zero_stage={t.zero_stage} needs train.engine=deepspeed")
         return self

@@ -6,14 +6,16 @@ Process groups:
 - torchrun / `python -m torch.distributed.run`: RANK, WORLD_SIZE, MASTER_ADDR, ... in the environment;
 - the deepspeed launcher: the same variables, plus `--local_rank=N` on the command line (see cli.py).
 """
+
 from __future__ import annotations
 
 import datetime
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,11 +54,21 @@ def init_distributed(timeout_s: float = 300.0, local_rank: int | None = None) ->
             # torchrun's agent hosts the store and it outlives the workers. torch 2.13 no longer prefixes keys
             # per restart attempt, so restarted workers would read the dead workers' gloo addresses (connection
             # refused). Namespace the process group by attempt ourselves.
-            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=timeout, wait_for_workers=False)
+            client = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=timeout,
+                wait_for_workers=False,
+            )
             store = dist.PrefixStore(f"dtrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
-            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                timeout=timeout,
+            )
         elif "RANK" in os.environ and "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
@@ -155,8 +167,9 @@ class PeerUnresponsive(RuntimeError):
     """A collective failed or timed out; the message names the ranks that stopped making progress."""
 
 
-_STORE_UNREACHABLE = ("the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to it "
-                      "is down")
+_STORE_UNREACHABLE = (
+    "the rendezvous store on rank 0's host is unreachable from this rank: rank 0 or the link to it is down"
+)
 
 
 class Heartbeat:
@@ -173,7 +186,7 @@ class Heartbeat:
         self.step = 0
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         if env.world_size > 1 and "MASTER_ADDR" in os.environ:
             self._prefix = f"dtrain/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
             self._thread = threading.Thread(target=self._run, name="dtrain-heartbeat", daemon=True)
@@ -181,8 +194,13 @@ class Heartbeat:
 
     def _client(self) -> dist.Store:
         # a client of its own with a short timeout: the process group's store keeps its own settings
-        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                               timeout=self._timeout, wait_for_workers=False)
+        client = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=self._timeout,
+            wait_for_workers=False,
+        )
         return dist.PrefixStore(self._prefix, client)
 
     def _run(self) -> None:
@@ -243,5 +261,15 @@ def is_comm_failure(err: BaseException) -> bool:
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     text = str(err)
-    return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
-                                   "Gloo", "NCCL", "Broken pipe"))
+    return any(
+        s in text
+        for s in (
+            "Timed out",
+            "timed out",
+            "Connection closed by peer",
+            "Connection reset",
+            "Gloo",
+            "NCCL",
+            "Broken pipe",
+        )
+    )

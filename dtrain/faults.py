@@ -9,6 +9,7 @@
 Several faults are separated by ';'. A fault fires only in the first attempt of an elastic job
 (TORCHELASTIC_RESTART_COUNT=0), so the restarted workers run clean. Unset, this module does nothing.
 """
+
 from __future__ import annotations
 
 import os

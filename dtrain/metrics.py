@@ -5,11 +5,12 @@ Every metric name and summary key the trainer writes is a constant here; the tra
 and the tests import them, so a name is spelled once. docs/outputs.md lists them: a public interface (add, do
 not rename). Per-layer names are templates, filled with `.format(layer=...)`.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,7 @@ GRAD_NORM = "grad_norm"
 SKIPPED = "skipped"
 
 # FPSA's own statistics of its last forward (SelfTransformer.step_statistics)
+FPSA_PREFIX = "fpsa/"
 FPSA_ITERS_MEAN = "fpsa/iters_mean"
 FPSA_CONVERGED_FRAC = "fpsa/converged_frac"
 FPSA_ITERS_LAYER = "fpsa/iters_l{layer}"
@@ -98,7 +100,7 @@ class ReportsStatistics(Protocol):
 
     def step_statistics(self) -> dict[str, float]: ...
 
-    def example_iterations(self) -> Optional["torch.Tensor"]: ...
+    def example_iterations(self) -> torch.Tensor | None: ...
 
 
 def step_statistics(model: object) -> dict[str, float]:
@@ -106,7 +108,7 @@ def step_statistics(model: object) -> dict[str, float]:
     return model.step_statistics() if isinstance(model, ReportsStatistics) else {}
 
 
-def example_iterations(model: object) -> Optional["torch.Tensor"]:
+def example_iterations(model: object) -> torch.Tensor | None:
     """Per-example iterations of the model's last forward, None for a model without adaptive computation."""
     return model.example_iterations() if isinstance(model, ReportsStatistics) else None
 

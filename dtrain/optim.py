@@ -1,4 +1,5 @@
 """Optimizers and the learning-rate schedule (linear warm-up, then cosine decay or constant)."""
+
 from __future__ import annotations
 
 import math

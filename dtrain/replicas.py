@@ -3,6 +3,7 @@
 Each parameter is reduced to an exact integer checksum of its bits; MAX and MIN all-reduces of the checksum
 vector reveal any parameter that differs on some rank, by name.
 """
+
 from __future__ import annotations
 
 import torch

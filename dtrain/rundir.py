@@ -1,11 +1,12 @@
 """The run directory: a public interface (docs/outputs.md). Only rank 0 writes here.
 
-    config.yaml     the resolved config
-    metrics.jsonl   one JSON object per line (training rows and eval rows)
-    summary.json    final figures
-    model.pt        the final model state_dict (torch.save)
-    checkpoints/    DCP checkpoints (checkpoint.py)
+config.yaml     the resolved config
+metrics.jsonl   one JSON object per line (training rows and eval rows)
+summary.json    final figures
+model.pt        the final model state_dict (torch.save)
+checkpoints/    DCP checkpoints (checkpoint.py)
 """
+
 from __future__ import annotations
 
 import json

@@ -17,6 +17,7 @@ Every point becomes `<out>/<strategy>[-r<rank>]-s<seed>-w<world size>[-<link rat
 skipped, so an interrupted sweep is resumed by running it again. A failed run is reported and the sweep goes
 on; the exit status says whether any failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,24 +26,38 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from tqdm import tqdm
 
-from .config import (EXACT_STRATEGIES, STRATEGIES, Config, ConfigError, apply_overrides, config_from_dict,
-                     load_yaml)
+from .config import (
+    EXACT_STRATEGIES,
+    STRATEGIES,
+    Config,
+    ConfigError,
+    apply_overrides,
+    check_world_size,
+    config_from_dict,
+    load_yaml,
+)
 from .metrics import SUMMARY_FILE
 from .report.timemodel import parse_link_rate
 
 # The network-namespace cluster that runs each rank behind a shaped link (needs root).
 NETNS_CLUSTER = Path(__file__).resolve().parents[1] / "launch" / "netns_cluster"
 # Keys the grid or the sweep itself sets for each run; a sweep's `set` may not override them.
-GRID_KEYS = {"comm.strategy": "strategies", "comm.rank": "ranks", "train.seed": "seeds", "run.dir": "out",
-             "log.wandb": "--wandb"}
+GRID_KEYS = {
+    "comm.strategy": "strategies",
+    "comm.rank": "ranks",
+    "train.seed": "seeds",
+    "run.dir": "out",
+    "log.wandb": "--wandb",
+}
 
 # A launcher runs one training command with its output going to a log file and returns its exit status.
 Launcher = Callable[[list[str], Path], int]
@@ -54,20 +69,20 @@ class SweepFile(BaseModel):
     base: str
     set: dict[str, Any] = {}
     strategies: list[str] = Field(min_length=1)
-    ranks: Optional[list[PositiveInt]] = Field(None, min_length=1)
-    seeds: Optional[list[int]] = Field(None, min_length=1)
+    ranks: list[PositiveInt] | None = Field(None, min_length=1)
+    seeds: list[int] | None = Field(None, min_length=1)
     world_sizes: list[PositiveInt] = Field(min_length=1)
-    link_rates: Optional[list[str]] = Field(None, min_length=1)
-    out: Optional[str] = None
+    link_rates: list[str] | None = Field(None, min_length=1)
+    out: str | None = None
 
 
 @dataclass(frozen=True)
 class SweepPoint:
     strategy: str
-    rank: Optional[int]  # None for exact strategies, where comm.rank has no effect
+    rank: int | None  # None for exact strategies, where comm.rank has no effect
     seed: int
     world_size: int
-    link_rate: Optional[str]  # None: the local loopback link
+    link_rate: str | None  # None: the local loopback link
 
     @property
     def name(self) -> str:
@@ -98,7 +113,7 @@ class SweepOutcome:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_sweep(path: str | Path, out: Optional[str] = None) -> Sweep:
+def load_sweep(path: str | Path, out: str | None = None) -> Sweep:
     """Read and validate a sweep file; every point's config is validated too, before anything runs."""
     path = Path(path)
     if not path.is_file():
@@ -131,9 +146,10 @@ def load_sweep(path: str | Path, out: Optional[str] = None) -> Sweep:
     ]
     for point in points:
         cfg = _validated(path, base_data, overrides + point.overrides(), point.name)
-        if cfg.train.batch_size % point.world_size:  # the trainer would refuse it only after the launch
-            raise ConfigError(f"{path} (run {point.name}): train.batch_size={cfg.train.batch_size} is not "
-                              f"divisible by the world size {point.world_size}")
+        try:  # the trainer would refuse it only after the launch
+            check_world_size(cfg, point.world_size)
+        except ConfigError as err:
+            raise ConfigError(f"{path} (run {point.name}): {err}") from None
     out_dir = Path(out or spec.out or Path("runs") / "sweeps" / path.stem)
     return Sweep(base, overrides, points, out_dir)
 
@@ -152,8 +168,9 @@ def _find_base(sweep_path: Path, base: str) -> Path:
     for candidate in (sweep_path.parent / base, Path(base)):
         if candidate.is_file():
             return Path(os.path.normpath(candidate))  # configs/sweeps/../quickstart.yaml -> configs/quickstart.yaml
-    raise ConfigError(f"{sweep_path}: base config {base!r} not found next to the sweep file or in the "
-                      "current directory")
+    raise ConfigError(
+        f"{sweep_path}: base config {base!r} not found next to the sweep file or in the current directory"
+    )
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -186,15 +203,39 @@ def _validated(path: Path, base_data: dict[str, Any], overrides: list[str], poin
 
 
 def train_command(sweep: Sweep, point: SweepPoint, run_dir: Path, wandb_mode: str) -> list[str]:
-    sets = [*sweep.overrides, *point.overrides(), f"run.dir={run_dir}", f"log.wandb={wandb_mode}",
-            "log.progress=false"]  # a progress bar in train.log is noise; the sweep shows its own
+    sets = [
+        *sweep.overrides,
+        *point.overrides(),
+        f"run.dir={run_dir}",
+        f"log.wandb={wandb_mode}",
+        "log.progress=false",
+    ]  # a progress bar in train.log is noise; the sweep shows its own
     train_args = ["--config", str(sweep.base)] + [arg for s in sets for arg in ("--set", s)]
     if point.link_rate is None:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", str(point.world_size), "-m", "dtrain", "train", *train_args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(point.world_size),
+            "-m",
+            "dtrain",
+            "train",
+            *train_args,
+        ]
     # one host (namespace) per rank, so that every rank sends through its own capped link
-    return [str(NETNS_CLUSTER), "--hosts", str(point.world_size), "--nproc-per-host", "1",
-            "--rate", point.link_rate, "--", *train_args]
+    return [
+        str(NETNS_CLUSTER),
+        "--hosts",
+        str(point.world_size),
+        "--nproc-per-host",
+        "1",
+        "--rate",
+        point.link_rate,
+        "--",
+        *train_args,
+    ]
 
 
 def run_logged(argv: list[str], log: Path) -> int:
@@ -209,8 +250,10 @@ def check_netns_cluster(sweep: Sweep) -> None:
     if not NETNS_CLUSTER.is_file():
         raise ConfigError(f"link_rates needs the netns cluster script, which is missing: {NETNS_CLUSTER}")
     if os.geteuid() != 0:
-        raise ConfigError("link_rates runs ranks in network namespaces, which needs root; run the sweep as root "
-                          "or drop link_rates and use `dtrain report --link-rates` for the time model")
+        raise ConfigError(
+            "link_rates runs ranks in network namespaces, which needs root; run the sweep as root "
+            "or drop link_rates and use `dtrain report --link-rates` for the time model"
+        )
 
 
 def run_sweep(sweep: Sweep, wandb_mode: str, launcher: Launcher = run_logged) -> SweepOutcome:
@@ -244,8 +287,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", metavar="SWEEP.yaml", help="the sweep: base config, overrides and grid")
     parser.add_argument("--dry-run", action="store_true", help="print the training commands and run nothing")
     parser.add_argument("--out", default=None, help="directory for the run directories (overrides the file's out)")
-    parser.add_argument("--wandb", choices=("offline", "disabled"), default="offline",
-                        help="wandb mode of every run (default: offline)")
+    parser.add_argument(
+        "--wandb", choices=("offline", "disabled"), default="offline", help="wandb mode of every run (default: offline)"
+    )
 
 
 def run(args: argparse.Namespace, launcher: Launcher = run_logged) -> int:
@@ -258,8 +302,10 @@ def run(args: argparse.Namespace, launcher: Launcher = run_logged) -> int:
         return 0
     check_netns_cluster(sweep)
     outcome = run_sweep(sweep, args.wandb, launcher)
-    print(f"sweep {sweep.out}: {len(outcome.trained)} trained, {len(outcome.skipped)} already done, "
-          f"{len(outcome.failed)} failed")
+    print(
+        f"sweep {sweep.out}: {len(outcome.trained)} trained, {len(outcome.skipped)} already done, "
+        f"{len(outcome.failed)} failed"
+    )
     for name, log in outcome.failed:
         print(f"  failed: {name} (log: {log})")
     if len(outcome.trained) + len(outcome.skipped):

@@ -2,18 +2,18 @@
 
 The offline run lives under the run directory (`<run dir>/wandb/offline-run-*`). Other ranks never import wandb.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .metrics import BYTES_VS_ACCURACY, COMM_BYTES_CUM, STEP, TRAIN_PREFIX, VAL_ACC, VAL_PREFIX
 
 
 class Tracker:
-    def __init__(self, mode: str, run_dir: Path, project: str, name: str, config: dict[str, Any],
-                 active: bool) -> None:
+    def __init__(self, mode: str, run_dir: Path, project: str, name: str, config: dict[str, Any], active: bool) -> None:
         self.run = None
         self._points: list[tuple[int, float, float]] = []  # (step, comm/bytes_cum, val/acc)
         if not active or mode == "disabled":
@@ -23,7 +23,12 @@ class Tracker:
 
         self._wandb = wandb
         self.run = wandb.init(
-            project=project, name=name, dir=str(run_dir), mode=mode, config=config, reinit="finish_previous",
+            project=project,
+            name=name,
+            dir=str(run_dir),
+            mode=mode,
+            config=config,
+            reinit="finish_previous",
             settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True, x_disable_machine_info=True),
         )
         # val/acc against communication: the plot this project exists for.
@@ -38,7 +43,7 @@ class Tracker:
         if VAL_ACC in row:
             self._points.append((int(row[STEP]), float(row.get(COMM_BYTES_CUM, 0)), float(row[VAL_ACC])))
 
-    def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
         if self.run is None:
             return
         if self._points:

@@ -8,6 +8,7 @@ the world size, rank r takes the contiguous slice r*B/S ... (r+1)*B/S, and each 
 divided by (B/S x targets per example). The strategies average over ranks, so every rank ends up with the
 gradient of the global-batch mean loss, exactly as a single process would.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,17 @@ from tqdm import tqdm
 from . import faults, metrics
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .compression import build_strategy, fp32_allreduce_bytes
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_world_size
 from .data import build_task
-from .distributed import (DistEnv, Heartbeat, PeerUnresponsive, all_gather_objects, all_ranks_agree, all_reduce_sum,
-                          is_comm_failure)
+from .distributed import (
+    DistEnv,
+    Heartbeat,
+    PeerUnresponsive,
+    all_gather_objects,
+    all_ranks_agree,
+    all_reduce_sum,
+    is_comm_failure,
+)
 from .engine import build_engine
 from .metrics import example_iterations, format_bytes, step_statistics
 from .model import build_model
@@ -44,8 +52,9 @@ class NonFiniteLoss(RuntimeError):
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, targets_per_example: int) -> torch.Tensor:
     """Summed cross-entropy over target positions / (examples x targets per example): the per-rank share of
     the global mean, independent of how the batch is split."""
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                            ignore_index=-100, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return total / (targets.shape[0] * targets_per_example)
 
 
@@ -64,8 +73,9 @@ class EvalResult:
     acc_by_difficulty: dict[int, float] = field(default_factory=dict)
 
 
-def _example_rows(difficulty: torch.Tensor, iters: Optional[torch.Tensor], hits: torch.Tensor,
-                  valid: torch.Tensor) -> torch.Tensor:
+def _example_rows(
+    difficulty: torch.Tensor, iters: torch.Tensor | None, hits: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """[B, 4] CPU rows (difficulty, iterations, correct, targets) of one eval batch; iterations 0 when the model
     reported none."""
     dims = tuple(range(1, hits.dim()))
@@ -106,8 +116,12 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         sel = rows[rows[:, 0] == d]
         by_iters[d] = float(sel[:, 1].mean())
         by_acc[d] = float(sel[:, 2].sum() / sel[:, 3].sum().clamp(min=1))
-    return EvalResult(loss=float(totals[0] / max(totals[2], 1)), acc=float(totals[1] / max(totals[2], 1)),
-                      iters_by_difficulty=by_iters if adaptive else {}, acc_by_difficulty=by_acc)
+    return EvalResult(
+        loss=float(totals[0] / max(totals[2], 1)),
+        acc=float(totals[1] / max(totals[2], 1)),
+        iters_by_difficulty=by_iters if adaptive else {},
+        acc_by_difficulty=by_acc,
+    )
 
 
 def _grads_finite(model: torch.nn.Module) -> bool:
@@ -115,11 +129,10 @@ def _grads_finite(model: torch.nn.Module) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv, config_path: Optional[str] = None, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, config_path: str | None = None, resume: bool = False) -> None:
         self.cfg, self.env = cfg, env
         B, S = cfg.train.batch_size, env.world_size
-        if B % S:
-            raise ConfigError(f"train.batch_size={B} is not divisible by the world size {S}")
+        check_world_size(cfg, S)
         self.local_batch = B // S
         self.path = default_run_dir(cfg, config_path, S)
         ok = True
@@ -176,8 +189,11 @@ class Trainer:
 
     def _save(self, step: int, totals: dict[str, float]) -> None:
         local = {"strategy": self.strategy.state_dict(), "rng": rng_state()}
-        meta = {"data_position": step * self.cfg.train.batch_size, "scheduler": self.scheduler.state_dict(),
-                "totals": totals}
+        meta = {
+            "data_position": step * self.cfg.train.batch_size,
+            "scheduler": self.scheduler.state_dict(),
+            "totals": totals,
+        }
         self.ckpt.save(step, self.model, self.optimizer, local, meta, self.engine)
 
     def _due(self, every: int, step: int) -> bool:
@@ -190,17 +206,24 @@ class Trainer:
         self.rundir.open(cfg, resume=start > 0)
         if start > 0:
             self.rundir.truncate_metrics_after(start)
-        totals = {"bytes": 0.0, "wire": 0.0, "comm_s": 0.0, "step_s": 0.0, "steps_timed": 0.0,
-                  "skipped": 0.0, **totals}
+        totals = {"bytes": 0.0, "wire": 0.0, "comm_s": 0.0, "step_s": 0.0, "steps_timed": 0.0, "skipped": 0.0, **totals}
         tracker = Tracker(cfg.log.wandb, self.path, cfg.log.project, self.path.name, cfg.to_dict(), env.is_main)
         if start == 0:
-            self.say(f"{self.params:,} parameters | strategy {cfg.comm.strategy} | world size {env.world_size} | "
-                     f"run dir {self.path}")
+            self.say(
+                f"{self.params:,} parameters | strategy {cfg.comm.strategy} | world size {env.world_size} | "
+                f"run dir {self.path}"
+            )
         wall0 = time.perf_counter()
-        bar = tqdm(total=cfg.train.steps, initial=start, disable=not (env.is_main and cfg.log.progress),
-                   unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=start,
+            disable=not (env.is_main and cfg.log.progress),
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        )
         plan_logged = False
-        last_eval: Optional[EvalResult] = None
+        last_eval: EvalResult | None = None
         step = start
         try:
             for step in range(start, cfg.train.steps):
@@ -221,8 +244,11 @@ class Trainer:
                 if self._due(cfg.train.consistency_every, done):
                     check_replicas(self.model)
                 bar.update(1)
-                bar.set_postfix(loss=f"{row[metrics.TRAIN_LOSS]:.4f}",
-                                sent=format_bytes(row[metrics.COMM_BYTES_SENT]) + "/step", refresh=False)
+                bar.set_postfix(
+                    loss=f"{row[metrics.TRAIN_LOSS]:.4f}",
+                    sent=format_bytes(row[metrics.COMM_BYTES_SENT]) + "/step",
+                    refresh=False,
+                )
             last_eval = self._eval_row(cfg.train.steps, totals, tracker)
             self._save(cfg.train.steps, totals)
         except BaseException as err:
@@ -231,9 +257,11 @@ class Trainer:
             tracker.finish()
             self.rundir.close()
             if isinstance(err, Exception) and is_comm_failure(err):
-                raise PeerUnresponsive(f"communication failed at step {step + 1} on rank {env.rank} "
-                                       f"(comm.timeout_s={cfg.comm.timeout_s:g}): {self.heartbeat.diagnose(step + 1)}; "
-                                       f"cause: {str(err).splitlines()[0][:200]}") from err
+                raise PeerUnresponsive(
+                    f"communication failed at step {step + 1} on rank {env.rank} "
+                    f"(comm.timeout_s={cfg.comm.timeout_s:g}): {self.heartbeat.diagnose(step + 1)}; "
+                    f"cause: {str(err).splitlines()[0][:200]}"
+                ) from err
             raise
         self.heartbeat.close()
         bar.close()
@@ -243,11 +271,18 @@ class Trainer:
         tracker.finish(summary)
         self.rundir.close()
         ratio = summary[metrics.COMPRESSION_RATIO]
-        versus = ("as many bytes as" if round(ratio, 1) == 1.0 else
-                  f"{ratio:.1f}x fewer bytes than" if ratio > 1 else f"{1 / ratio:.1f}x MORE bytes than")
-        self.say(f"done: {cfg.train.steps} steps | val acc {summary[metrics.FINAL_VAL_ACC]:.4f} | "
-                 f"{format_bytes(summary[metrics.COMM_BYTES_PER_STEP])}/step sent ({versus} fp32 all-reduce) | "
-                 f"{summary[metrics.WALL_S]:.1f} s | {self.path}")
+        versus = (
+            "as many bytes as"
+            if round(ratio, 1) == 1.0
+            else f"{ratio:.1f}x fewer bytes than"
+            if ratio > 1
+            else f"{1 / ratio:.1f}x MORE bytes than"
+        )
+        self.say(
+            f"done: {cfg.train.steps} steps | val acc {summary[metrics.FINAL_VAL_ACC]:.4f} | "
+            f"{format_bytes(summary[metrics.COMM_BYTES_PER_STEP])}/step sent ({versus} fp32 all-reduce) | "
+            f"{summary[metrics.WALL_S]:.1f} s | {self.path}"
+        )
         self.strategy.close()
         self.engine.close()
         return summary
@@ -271,10 +306,14 @@ class Trainer:
         if bad:
             totals["skipped"] += 1
             if cfg.train.nan_policy == "stop":
-                raise NonFiniteLoss(f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} "
-                                    "rank(s); stopping (train.nan_policy=stop)")
-            self.say(f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} rank(s); "
-                     "all ranks skip this update (train.nan_policy=skip)")
+                raise NonFiniteLoss(
+                    f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} "
+                    "rank(s); stopping (train.nan_policy=stop)"
+                )
+            self.say(
+                f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} rank(s); "
+                "all ranks skip this update (train.nan_policy=skip)"
+            )
             self.engine.zero_grad()
             self.scheduler.step()
         else:
@@ -288,10 +327,17 @@ class Trainer:
         totals["step_s"] += step_s
         totals["steps_timed"] += 1
         row: dict[str, Any] = {
-            metrics.STEP: step + 1, metrics.TRAIN_LOSS: global_loss, metrics.COMM_BYTES_SENT: stats.bytes_sent,
-            metrics.COMM_BYTES_CUM: int(totals["bytes"]), metrics.COMM_BYTES_RECV: stats.bytes_recv,
-            metrics.COMM_WIRE_BYTES: stats.wire_bytes, metrics.COMM_TIME_S: stats.time_s, metrics.TIME_STEP_S: step_s,
-            metrics.LR: self.optimizer.param_groups[0]["lr"], metrics.GRAD_NORM: grad_norm, metrics.SKIPPED: bad,
+            metrics.STEP: step + 1,
+            metrics.TRAIN_LOSS: global_loss,
+            metrics.COMM_BYTES_SENT: stats.bytes_sent,
+            metrics.COMM_BYTES_CUM: int(totals["bytes"]),
+            metrics.COMM_BYTES_RECV: stats.bytes_recv,
+            metrics.COMM_WIRE_BYTES: stats.wire_bytes,
+            metrics.COMM_TIME_S: stats.time_s,
+            metrics.TIME_STEP_S: step_s,
+            metrics.LR: self.optimizer.param_groups[0]["lr"],
+            metrics.GRAD_NORM: grad_norm,
+            metrics.SKIPPED: bad,
         }
         row.update(step_statistics(self.model))
         row.update(stats.extra)
@@ -299,32 +345,45 @@ class Trainer:
 
     def _eval_row(self, step: int, totals: dict[str, float], tracker: Tracker) -> EvalResult:
         res = evaluate(self.model, self.task, self.cfg, self.env)
-        row: dict[str, Any] = {metrics.STEP: step, metrics.VAL_LOSS: res.loss, metrics.VAL_ACC: res.acc,
-                               metrics.COMM_BYTES_CUM: int(totals["bytes"])}
+        row: dict[str, Any] = {
+            metrics.STEP: step,
+            metrics.VAL_LOSS: res.loss,
+            metrics.VAL_ACC: res.acc,
+            metrics.COMM_BYTES_CUM: int(totals["bytes"]),
+        }
         if res.iters_by_difficulty:
             row[metrics.VAL_EXAMPLE_ITERS_MEAN] = sum(res.iters_by_difficulty.values()) / len(res.iters_by_difficulty)
         self.rundir.log(row)
         tracker.log(row)
         return res
 
-    def _summary(self, totals: dict[str, float], ev: Optional[EvalResult], wall_s: float) -> dict[str, Any]:
+    def _summary(self, totals: dict[str, float], ev: EvalResult | None, wall_s: float) -> dict[str, Any]:
         cfg = self.cfg
         steps = cfg.train.steps
         timed = max(totals["steps_timed"], 1)
         per_step = totals["bytes"] / steps
         summary: dict[str, Any] = {
-            metrics.PARAMS: self.params, metrics.WORLD_SIZE: self.env.world_size, metrics.STRATEGY: cfg.comm.strategy,
-            metrics.STEPS: steps, metrics.TASK: cfg.data.task, metrics.ATTENTION: cfg.model.attention,
-            metrics.COMM_RANK: cfg.comm.rank, metrics.SEED: cfg.train.seed, metrics.ENGINE: cfg.train.engine,
+            metrics.PARAMS: self.params,
+            metrics.WORLD_SIZE: self.env.world_size,
+            metrics.STRATEGY: cfg.comm.strategy,
+            metrics.STEPS: steps,
+            metrics.TASK: cfg.data.task,
+            metrics.ATTENTION: cfg.model.attention,
+            metrics.COMM_RANK: cfg.comm.rank,
+            metrics.SEED: cfg.train.seed,
+            metrics.ENGINE: cfg.train.engine,
             metrics.FINAL_VAL_ACC: ev.acc if ev else float("nan"),
             metrics.FINAL_VAL_LOSS: ev.loss if ev else float("nan"),
-            metrics.COMM_BYTES_TOTAL: int(totals["bytes"]), metrics.COMM_BYTES_PER_STEP: per_step,
+            metrics.COMM_BYTES_TOTAL: int(totals["bytes"]),
+            metrics.COMM_BYTES_PER_STEP: per_step,
             metrics.COMM_WIRE_BYTES_PER_STEP: totals["wire"] / steps,
             metrics.COMM_ALLREDUCE_BYTES_PER_STEP: self.allreduce_bytes,
             metrics.COMPRESSION_RATIO: self.allreduce_bytes / per_step if per_step else float("inf"),
-            metrics.COMM_TIME_PER_STEP_S: totals["comm_s"] / timed, metrics.TIME_STEP_S_MEAN: totals["step_s"] / timed,
+            metrics.COMM_TIME_PER_STEP_S: totals["comm_s"] / timed,
+            metrics.TIME_STEP_S_MEAN: totals["step_s"] / timed,
             metrics.TIME_COMPUTE_S_PER_STEP: (totals["step_s"] - totals["comm_s"]) / timed,
-            metrics.SKIPPED_STEPS: int(totals["skipped"]), metrics.WALL_S: wall_s,
+            metrics.SKIPPED_STEPS: int(totals["skipped"]),
+            metrics.WALL_S: wall_s,
         }
         if ev and ev.iters_by_difficulty:
             summary[metrics.EXAMPLE_ITERS_BY_DIFFICULTY] = {str(k): v for k, v in ev.iters_by_difficulty.items()}
@@ -333,7 +392,7 @@ class Trainer:
         return summary
 
 
-def train(cfg: Config, env: DistEnv, config_path: Optional[str] = None, resume: bool = False) -> dict[str, Any]:
+def train(cfg: Config, env: DistEnv, config_path: str | None = None, resume: bool = False) -> dict[str, Any]:
     return Trainer(cfg, env, config_path, resume).run()
 
 

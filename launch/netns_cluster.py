@@ -19,6 +19,7 @@ Teardown (namespaces, their veths and the bridge, and every process left inside 
 failure, timeout, Ctrl-C and SIGTERM; namespaces left by a crashed run with the same prefix are removed first.
 Needs root (ip netns, tc); exits 2 with one line otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 IFACE = "eth0"
 RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
@@ -69,7 +69,7 @@ def check_environment() -> None:
 
 
 class Cluster:
-    def __init__(self, prefix: str, hosts: int, subnet: str, rate: Optional[str], burst: Optional[str]) -> None:
+    def __init__(self, prefix: str, hosts: int, subnet: str, rate: str | None, burst: str | None) -> None:
         self.prefix, self.hosts, self.subnet = prefix, hosts, subnet
         self.rate, self.burst = rate, burst
         self.switch = f"{prefix}-sw"
@@ -106,16 +106,29 @@ class Cluster:
         _ip("-n", self.switch, "link", "set", "br0", "up")
         for i in range(self.hosts):
             port = f"p{i}"
-            _ip("link", "add", IFACE, "netns", self.ns(i), "type", "veth", "peer", "name", port, "netns",
-                self.switch)
+            _ip("link", "add", IFACE, "netns", self.ns(i), "type", "veth", "peer", "name", port, "netns", self.switch)
             _ip("-n", self.switch, "link", "set", port, "master", "br0")
             _ip("-n", self.switch, "link", "set", port, "up")
             _ip("-n", self.ns(i), "addr", "add", f"{self.addr(i)}/24", "dev", IFACE)
             _ip("-n", self.ns(i), "link", "set", IFACE, "up")
             if self.rate:
                 for ns, dev in ((self.ns(i), IFACE), (self.switch, port)):
-                    _in_ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
-                           "burst", self.tbf_burst(), "latency", "400ms")
+                    _in_ns(
+                        ns,
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        self.rate,
+                        "burst",
+                        self.tbf_burst(),
+                        "latency",
+                        "400ms",
+                    )
 
     def tbf_burst(self) -> str:
         if self.burst:
@@ -133,11 +146,19 @@ class Cluster:
         out = []
         for i in range(self.hosts):
             link = json.loads(_ip("-n", self.ns(i), "-s", "-j", "link", "show", IFACE).stdout)[0]["stats64"]
-            row = {"tx_bytes": link["tx"]["bytes"], "rx_bytes": link["rx"]["bytes"],
-                   "tx_packets": link["tx"]["packets"], "rx_packets": link["rx"]["packets"]}
+            row = {
+                "tx_bytes": link["tx"]["bytes"],
+                "rx_bytes": link["rx"]["bytes"],
+                "tx_packets": link["tx"]["packets"],
+                "rx_packets": link["rx"]["packets"],
+            }
             if self.rate:
-                tc = subprocess.run(["ip", "netns", "exec", self.ns(i), "tc", "-s", "-j", "qdisc", "show", "dev", IFACE],
-                                    capture_output=True, text=True, check=True)
+                tc = subprocess.run(
+                    ["ip", "netns", "exec", self.ns(i), "tc", "-s", "-j", "qdisc", "show", "dev", IFACE],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 tbf = next(q for q in json.loads(tc.stdout) if q["kind"] == "tbf")
                 row.update(tbf_overlimits=tbf["overlimits"], tbf_drops=tbf["drops"])
             out.append(row)
@@ -182,14 +203,40 @@ def host_command(cluster: Cluster, i: int, nproc: int, port: int, job_id: str, d
     # Each flag below is needed (env_notes §4): is_host=1 because host 0 does not know 10.x as "its" name;
     # --local-addr so workers get a reachable MASTER_ADDR; GLOO_SOCKET_IFNAME because the machine's hostname
     # resolves to 127.0.0.1 in every namespace.
-    return ["ip", "netns", "exec", cluster.ns(i), "env", f"GLOO_SOCKET_IFNAME={IFACE}",
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(cluster.hosts), "--nproc-per-node",
-            str(nproc), "--node-rank", str(i), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"{cluster.addr(0)}:{port}", "--rdzv-id", job_id, "--local-addr", cluster.addr(i),
-            "--rdzv-conf", f"is_host={1 if i == 0 else 0}", "-m", "dtrain", "train", *dtrain_args]
+    return [
+        "ip",
+        "netns",
+        "exec",
+        cluster.ns(i),
+        "env",
+        f"GLOO_SOCKET_IFNAME={IFACE}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(cluster.hosts),
+        "--nproc-per-node",
+        str(nproc),
+        "--node-rank",
+        str(i),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{cluster.addr(0)}:{port}",
+        "--rdzv-id",
+        job_id,
+        "--local-addr",
+        cluster.addr(i),
+        "--rdzv-conf",
+        f"is_host={1 if i == 0 else 0}",
+        "-m",
+        "dtrain",
+        "train",
+        *dtrain_args,
+    ]
 
 
-def run_hosts(commands: list[list[str]], logs: list[Path], timeout_s: float, grace_s: float) -> list[Optional[int]]:
+def run_hosts(commands: list[list[str]], logs: list[Path], timeout_s: float, grace_s: float) -> list[int | None]:
     """Start every host; when one fails, give the others `grace_s` to fail too, then stop them."""
     procs = []
     for cmd, log in zip(commands, logs):
@@ -199,8 +246,7 @@ def run_hosts(commands: list[list[str]], logs: list[Path], timeout_s: float, gra
             procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout_s
     try:
-        while (_stop_signal is None and any(p.poll() is None for p in procs)
-               and time.monotonic() < deadline):
+        while _stop_signal is None and any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             if any(p.returncode not in (None, 0) for p in procs):
                 deadline = min(deadline, time.monotonic() + grace_s)
             time.sleep(0.2)
@@ -220,7 +266,7 @@ def run_hosts(commands: list[list[str]], logs: list[Path], timeout_s: float, gra
 
 
 # Set by _request_stop (SIGINT or SIGTERM); run_hosts() stops the job when it sees it, main() then exits 130.
-_stop_signal: Optional[int] = None
+_stop_signal: int | None = None
 
 
 def _request_stop(signum, frame):
@@ -240,12 +286,15 @@ def _request_stop(signum, frame):
     _stop_signal = signum
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    dtrain_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="launch/netns_cluster", description=__doc__.split("\n\n")[0],
-                                usage="%(prog)s [options] -- DTRAIN_TRAIN_ARGS")
+    dtrain_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(
+        prog="launch/netns_cluster",
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [options] -- DTRAIN_TRAIN_ARGS",
+    )
     p.add_argument("--hosts", type=int, default=2, help="number of namespaces (nodes), default 2")
     p.add_argument("--nproc-per-host", type=int, default=1, help="torchrun workers per host, default 1")
     p.add_argument("--rate", help="per-host link cap in both directions, e.g. 100mbit (tc tbf); default: none")
@@ -286,8 +335,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         cluster.create()
         before = cluster.counters()
         t0 = time.monotonic()
-        commands = [host_command(cluster, i, args.nproc_per_host, args.port, job_id, dtrain_args)
-                    for i in range(args.hosts)]
+        commands = [
+            host_command(cluster, i, args.nproc_per_host, args.port, job_id, dtrain_args) for i in range(args.hosts)
+        ]
         codes = run_hosts(commands, logs, args.timeout, grace_s=30)
         if _stop_signal is not None:
             raise KeyboardInterrupt
@@ -302,20 +352,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = run_dir.with_name(run_dir.name + ".netns.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     ok = all(c == 0 for c in codes)
-    print(f"netns_cluster: {'done' if ok else 'FAILED'} in {wall:.1f} s, exit codes {codes}; report {out}; "
-          f"logs {log_dir}", file=sys.stderr)
+    print(
+        f"netns_cluster: {'done' if ok else 'FAILED'} in {wall:.1f} s, exit codes {codes}; report {out}; "
+        f"logs {log_dir}",
+        file=sys.stderr,
+    )
     return 0 if ok else 1
 
 
-def build_report(args, cluster: Cluster, run_dir: Path, codes: list[Optional[int]], wall: float,
-                 before: list[dict], after: list[dict], logs: list[Path]) -> dict:
+def build_report(
+    args,
+    cluster: Cluster,
+    run_dir: Path,
+    codes: list[int | None],
+    wall: float,
+    before: list[dict],
+    after: list[dict],
+    logs: list[Path],
+) -> dict:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() and all(c == 0 for c in codes) else None
     hosts = []
     for i, (b, a) in enumerate(zip(before, after)):
         link = {k: a[k] - b[k] for k in a}
-        host = {"host": i, "namespace": cluster.ns(i), "addr": cluster.addr(i), "exit_code": codes[i],
-                "log": str(logs[i]), **link}
+        host = {
+            "host": i,
+            "namespace": cluster.ns(i),
+            "addr": cluster.addr(i),
+            "exit_code": codes[i],
+            "log": str(logs[i]),
+            **link,
+        }
         if summary and args.nproc_per_host == 1:
             # What dtrain says this host's rank put on the wire for gradient sync, all steps together. Only
             # with one rank per host: ranks on the same host talk over loopback, which eth0 never sees.
@@ -323,10 +390,19 @@ def build_report(args, cluster: Cluster, run_dir: Path, codes: list[Optional[int
             host["reported_wire_bytes"] = reported
             host["tx_over_reported"] = link["tx_bytes"] / reported if reported else None
         hosts.append(host)
-    return {"hosts": args.hosts, "nproc_per_host": args.nproc_per_host, "world_size": args.hosts * args.nproc_per_host,
-            "rate": args.rate, "tbf_burst": cluster.tbf_burst() if args.rate else None, "subnet": f"{args.subnet}.0/24",
-            "run_dir": str(run_dir), "exit_codes": codes, "wall_s": wall, "links": hosts,
-            "summary": summary}
+    return {
+        "hosts": args.hosts,
+        "nproc_per_host": args.nproc_per_host,
+        "world_size": args.hosts * args.nproc_per_host,
+        "rate": args.rate,
+        "tbf_burst": cluster.tbf_burst() if args.rate else None,
+        "subnet": f"{args.subnet}.0/24",
+        "run_dir": str(run_dir),
+        "exit_codes": codes,
+        "wall_s": wall,
+        "links": hosts,
+        "summary": summary,
+    }
 
 
 if __name__ == "__main__":

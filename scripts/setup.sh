@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_SPEC=${DTRAIN_TORCH:-torch==2.13.0}
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import dtrain, torch, deepspeed, wandb" 2>/dev/null \
+if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/ruff" ] && "$VENV/bin/python" -c "import dtrain, torch, deepspeed, wandb, pytest" 2>/dev/null \
    && [ "${DTRAIN_REINSTALL:-0}" != 1 ]; then
   # Already set up: refresh the editable install only (fast, no network).
   "$VENV/bin/pip" install -q --no-deps -e . >/dev/null

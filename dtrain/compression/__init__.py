@@ -15,6 +15,7 @@ How the package is composed (docs/architecture.md has the picture):
 
 Only `registry` is imported eagerly, so `dtrain.config` stays torch-free.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from .base import Strategy
 
 
-def build_strategy(cfg: Any, group: "dist.ProcessGroup | None" = None) -> "Strategy":
+def build_strategy(cfg: Any, group: dist.ProcessGroup | None = None) -> Strategy:
     """`cfg`: the `comm` section (`dtrain.config.CommConfig`); the strategy gets its own typed options."""
     spec = STRATEGIES.get(cfg.strategy)
     if spec is None:
@@ -44,5 +45,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CommStats", "EXACT_STRATEGIES", "STRATEGIES", "STRATEGY_NAMES", "Strategy", "build_strategy",
-           "fp32_allreduce_bytes"]
+__all__ = [
+    "CommStats",
+    "EXACT_STRATEGIES",
+    "STRATEGIES",
+    "STRATEGY_NAMES",
+    "Strategy",
+    "build_strategy",
+    "fp32_allreduce_bytes",
+]

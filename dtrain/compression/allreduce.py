@@ -1,7 +1,8 @@
 """`allreduce`: the exact baseline. Every gradient, fp32, bucketed, summed over ranks and divided by their number."""
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 from torch import nn
@@ -14,10 +15,10 @@ from .comm import Comm
 class AllReduce(Strategy):
     name = "allreduce"
 
-    def __init__(self, options: Any, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, options: Any, group: dist.ProcessGroup | None = None) -> None:
         self.bucket_mb = options.bucket_mb
         self.comm = Comm(group)
-        self.mean: Optional[BucketedMean] = None
+        self.mean: BucketedMean | None = None
 
     def attach(self, model: nn.Module) -> nn.Module:
         self.mean = BucketedMean(trainable_parameters(model), self.bucket_mb, prefix=self.name)

@@ -12,14 +12,15 @@ A strategy is composed GRACE-style of parts that can be tested alone: codecs (wh
 factors, (A, Δ) rows; `codecs/`), their memory (error-feedback residuals, warm-start factors; `memory`) and the
 communicator (`Comm`: which collective, and the byte accounting). No strategy class inherits from another.
 """
+
 from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-import torch
 from torch import nn
 
 

@@ -4,10 +4,11 @@ Packing many small gradients into one buffer pays the per-collective latency onc
 per parameter (the reason DDP buckets). Bytes are charged to each parameter's name (`Comm` `parts`), so
 `CommStats.per_layer` says which layers cost what even though they travel together.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -21,9 +21,10 @@ If the weight also receives an ordinary gradient through another path (F.linear(
 elsewhere, weight tying), autograd accumulates that part into weight.grad as usual and
 `LinearCapture.dense_grad_arrived` says so, so the strategy can add it (all-reduced) to stay exact.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ class LinearCapture:
     Several modules sharing one weight Parameter share one capture: their rows add up like calls.
     """
 
-    def __init__(self, name: str, weight: nn.Parameter, clock: Optional[CallClock] = None) -> None:
+    def __init__(self, name: str, weight: nn.Parameter, clock: CallClock | None = None) -> None:
         self.name = name
         self.weight = weight
         self.out_features, self.in_features = weight.shape
@@ -65,15 +66,15 @@ class LinearCapture:
         self.forward_rows = 0
         #: `clock` tick of the first grad-enabled call since the last `take()` (None: no call): captures
         #: called later in forward usually deliver their last Δ earlier in backward
-        self.first_call: Optional[int] = None
+        self.first_call: int | None = None
         #: True once an ordinary (non-captured) gradient was accumulated into weight.grad this step
         self.dense_grad_arrived = False
         #: optional callback fired in backward right after each recorded Δ (dad/rankdad with comm.overlap
         #: start a layer's collective there); `pending == 0` tells that every recorded call has delivered
-        self.on_delta: Optional[Callable[["LinearCapture"], None]] = None
+        self.on_delta: Callable[[LinearCapture], None] | None = None
         self._hook = weight.register_hook(self._note_dense_grad)
 
-    def _note_dense_grad(self, grad: Optional[torch.Tensor]) -> None:
+    def _note_dense_grad(self, grad: torch.Tensor | None) -> None:
         # called with None when the captured path is the only one (it returns no weight gradient)
         if grad is not None:
             self.dense_grad_arrived = True
@@ -137,8 +138,9 @@ class CapturedLinearFn(torch.autograd.Function):
     """F.linear whose backward records (A, Δ) and returns no weight gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                capture: LinearCapture) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, capture: LinearCapture
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.capture = capture
         # the weight's gradient accumulator: backward asks the engine whether it will run in this pass
@@ -205,7 +207,8 @@ class GradientSource:
         self.captures = attach_linears(model)
         managed = {id(c.weight) for c in self.captures}
         self.rest: list[tuple[str, nn.Parameter]] = [
-            (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in managed]
+            (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in managed
+        ]
 
     def release(self, capture: LinearCapture, a: torch.Tensor, delta: torch.Tensor) -> None:
         """Hand a layer back to autograd; it joins the rest. This step's gradient is formed from its pair."""

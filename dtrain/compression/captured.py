@@ -23,10 +23,12 @@ is refused with an error (its pairs would arrive after their layer's collective 
 Timing: `CommStats.time_s` is the time the step spends blocked in collectives (launch calls and waits);
 `scheduler.last_round` reports the last overlapped step per layer.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -61,19 +63,21 @@ class Plan(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def describe(self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str],
-                 world_size: int) -> dict[str, Any]: ...
+    def describe(
+        self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
+    ) -> dict[str, Any]: ...
 
 
 class CapturedStrategy(Strategy):
-    def __init__(self, name: str, options: Any, group: Optional[dist.ProcessGroup],
-                 make_plan: Callable[["CapturedStrategy"], Plan]) -> None:
+    def __init__(
+        self, name: str, options: Any, group: dist.ProcessGroup | None, make_plan: Callable[[CapturedStrategy], Plan]
+    ) -> None:
         self.name = name
         self.options = options
         self.comm = Comm(group)
         self.plan = make_plan(self)
-        self.source: Optional[GradientSource] = None
-        self.rest_sync: Optional[BucketedMean | HalfPrecisionGather] = None
+        self.source: GradientSource | None = None
+        self.rest_sync: BucketedMean | HalfPrecisionGather | None = None
         self.scheduler = LayerScheduler(name, self.comm, lambda: self.captures, self._launch, self._overlapping)
         self._accumulating = False
 
@@ -91,13 +95,17 @@ class CapturedStrategy(Strategy):
             capture.on_delta = self.scheduler.on_delta
         return model
 
-    def _rest_sync(self, state: Optional[dict[str, Any]] = None) -> BucketedMean | HalfPrecisionGather:
+    def _rest_sync(self, state: dict[str, Any] | None = None) -> BucketedMean | HalfPrecisionGather:
         """How the uncaptured gradients travel: fp32 buckets (exact), or 16-bit with error feedback."""
         assert self.source is not None
         if self.options.rest_dtype == "fp32":
             return BucketedMean(self.source.rest, self.options.bucket_mb, prefix=f"{self.name}/rest")
-        rest = HalfPrecisionGather(self.source.rest, wire_dtype(self.options.rest_dtype), self.options.error_feedback,
-                                   prefix=f"{self.name}/rest")
+        rest = HalfPrecisionGather(
+            self.source.rest,
+            wire_dtype(self.options.rest_dtype),
+            self.options.error_feedback,
+            prefix=f"{self.name}/rest",
+        )
         if state:
             rest.load_state_dict(state)
         return rest
@@ -150,7 +158,7 @@ class CapturedStrategy(Strategy):
             codec.end_step()
         return self.comm.reset()
 
-    def _set_weight_grad(self, layer: LayerStep, grad: Optional[torch.Tensor]) -> None:
+    def _set_weight_grad(self, layer: LayerStep, grad: torch.Tensor | None) -> None:
         weight = layer.capture.weight
         if layer.dense_anywhere:
             dense = weight.grad if weight.grad is not None else torch.zeros_like(weight)
@@ -175,8 +183,7 @@ class CapturedStrategy(Strategy):
         for codec in self.plan.codecs():
             missing = [k for k in codec.state_keys() if k not in state]
             if missing:
-                raise ValueError(f"{self.name}: strategy state lacks {', '.join(missing)} (saved by another "
-                                 "strategy?)")
+                raise ValueError(f"{self.name}: strategy state lacks {', '.join(missing)} (saved by another strategy?)")
             codec.load_state_dict({k: state.pop(k) for k in codec.state_keys()})
         residual = state.pop(RESIDUAL, None)
         if residual is not None and isinstance(self.rest_sync, HalfPrecisionGather):
@@ -195,18 +202,29 @@ class CapturedStrategy(Strategy):
 # ---------------------------------------------------------------------------------------------- the three plans
 
 
-def build_dad(options: Any, group: Optional[dist.ProcessGroup] = None) -> CapturedStrategy:
+def build_dad(options: Any, group: dist.ProcessGroup | None = None) -> CapturedStrategy:
     """`dad`: every captured layer sends its (A, Δ) rows. Exact."""
     return CapturedStrategy("dad", options, group, lambda s: FixedPlan(RowsCodec()))
 
 
-def build_rankdad(options: Any, group: Optional[dist.ProcessGroup] = None) -> CapturedStrategy:
+def build_rankdad(options: Any, group: dist.ProcessGroup | None = None) -> CapturedStrategy:
     """`rankdad`: every captured layer sends k low-rank factors of its Δᵀ A. Lossy."""
     return CapturedStrategy("rankdad", options, group, lambda s: FixedPlan(FactorsCodec(options)))
 
 
-def build_auto(options: Any, group: Optional[dist.ProcessGroup] = None) -> CapturedStrategy:
+def build_auto(options: Any, group: dist.ProcessGroup | None = None) -> CapturedStrategy:
     """`auto`: per layer the cheapest of all-reduce, rows and factors under the byte cost model."""
-    return CapturedStrategy("auto", options, group, lambda s: CostModelPlan(
-        RowsCodec(), FactorsCodec(options), options, s.comm.world_size, s.comm.rank == 0,
-        captures=lambda: s.captures, release=s.release))
+    return CapturedStrategy(
+        "auto",
+        options,
+        group,
+        lambda s: CostModelPlan(
+            RowsCodec(),
+            FactorsCodec(options),
+            options,
+            s.comm.world_size,
+            s.comm.rank == 0,
+            captures=lambda: s.captures,
+            release=s.release,
+        ),
+    )

@@ -8,10 +8,11 @@ bytes it handed to collectives:
 - wire bytes = what the collective's algorithm puts on this rank's link, estimated:
   ring all-reduce sends 2(S-1)/S x payload, all_gather (ring) sends (S-1) x own payload.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,7 @@ from .base import CommStats
 
 
 class Comm:
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
@@ -35,8 +36,9 @@ class Comm:
         stats, self.stats = self.stats, CommStats()
         return stats
 
-    def account(self, name: str, sent: int, recv: int, wire: float, seconds: float,
-                parts: Optional[Mapping[str, int]] = None) -> None:
+    def account(
+        self, name: str, sent: int, recv: int, wire: float, seconds: float, parts: Mapping[str, int] | None = None
+    ) -> None:
         """`parts`: bytes_sent split by layer name, for a flat buffer that packs several layers (its values sum
         to `sent`); per_layer is charged by part instead of under `name`."""
         s = self.stats
@@ -48,8 +50,13 @@ class Comm:
             s.per_layer[key] = s.per_layer.get(key, 0) + nbytes
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce_(self, tensor: torch.Tensor, name: str, op: dist.ReduceOp = dist.ReduceOp.SUM,
-                    parts: Optional[Mapping[str, int]] = None) -> torch.Tensor:
+    def all_reduce_(
+        self,
+        tensor: torch.Tensor,
+        name: str,
+        op: dist.ReduceOp = dist.ReduceOp.SUM,
+        parts: Mapping[str, int] | None = None,
+    ) -> torch.Tensor:
         """In-place sum (default) over ranks. `parts`: see `account`."""
         nbytes = tensor.numel() * tensor.element_size()
         S = self.world_size
@@ -88,7 +95,7 @@ class AsyncGather:
         self.nbytes = tensor.numel() * tensor.element_size()
         S = comm.world_size
         self.launched = time.perf_counter()
-        self.done: Optional[float] = None
+        self.done: float | None = None
         self._accounted = False
         if S > 1:
             self.parts = [torch.empty_like(tensor) for _ in range(S)]

@@ -10,12 +10,14 @@ One strategy class, `DDPStrategy`, composed with a hook (no subclassing):
 Counting: a hook knows its bucket's tensors, so bytes are charged per parameter name. Time is each bucket's
 hook call to the completion of its future; buckets in flight together each count their own interval.
 """
+
 # No `from __future__ import annotations`: DDP checks a hook's annotations against the real classes
 # (dist.GradBucket, Future[Tensor]) and rejects them as strings.
 import contextlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ class _BucketReduction:
     name: str
     parts: dict[str, int]
     start: float
-    end: Optional[float] = None
+    end: float | None = None
 
 
 #: bytes per parameter name of a bucket's gradients as they go on the wire
@@ -47,8 +49,9 @@ PartsOf = Callable[[dist.GradBucket], dict[str, int]]
 class Hook(Protocol):
     """A DDP comm hook that also says what it sends (bytes per parameter name), and remembers state."""
 
-    def __call__(self, group: Optional[dist.ProcessGroup], bucket: dist.GradBucket,
-                 dense_parts: PartsOf) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]: ...
+    def __call__(
+        self, group: dist.ProcessGroup | None, bucket: dist.GradBucket, dense_parts: PartsOf
+    ) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -60,8 +63,9 @@ class Hook(Protocol):
 class AllReduceHook:
     """torch's default hook: the bucket, divided by the world size, all-reduced."""
 
-    def __call__(self, group: Optional[dist.ProcessGroup], bucket: dist.GradBucket,
-                 dense_parts: PartsOf) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]:
+    def __call__(
+        self, group: dist.ProcessGroup | None, bucket: dist.GradBucket, dense_parts: PartsOf
+    ) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]:
         return dense_parts(bucket), allreduce_hook(group, bucket)
 
     def state_dict(self) -> dict[str, Any]:
@@ -79,19 +83,24 @@ class PowerSGDHook:
     """torch's PowerSGD hook. Per bucket, before `start_step`: the whole bucket is all-reduced. After: the
     uncompressed tensors, then all P, then all Q (three all-reduces), in fp32."""
 
-    def __init__(self, options: Any, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, options: Any, group: dist.ProcessGroup | None) -> None:
         self.options = options
-        self.state = PowerSGDState(process_group=group, matrix_approximation_rank=options.rank,
-                                   start_powerSGD_iter=options.start_step,
-                                   min_compression_rate=options.min_compression_rate,
-                                   use_error_feedback=options.error_feedback, warm_start=options.warm_start,
-                                   random_seed=0)
+        self.state = PowerSGDState(
+            process_group=group,
+            matrix_approximation_rank=options.rank,
+            start_powerSGD_iter=options.start_step,
+            min_compression_rate=options.min_compression_rate,
+            use_error_feedback=options.error_feedback,
+            warm_start=options.warm_start,
+            random_seed=0,
+        )
         # After a restore, the first step must not compress: the hook keys its residuals and P/Q by bucket index,
         # and a new DDP's first-step buckets differ from the rebuilt ones they were saved under.
         self._dense_until_rebuild = False
 
-    def __call__(self, group: Optional[dist.ProcessGroup], bucket: dist.GradBucket,
-                 dense_parts: PartsOf) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]:
+    def __call__(
+        self, group: dist.ProcessGroup | None, bucket: dist.GradBucket, dense_parts: PartsOf
+    ) -> tuple[dict[str, int], torch.futures.Future[torch.Tensor]]:
         if self._dense_until_rebuild:
             fut = allreduce_hook(group, bucket)
             if bucket.is_last():
@@ -120,14 +129,20 @@ class PowerSGDHook:
         tensors and plain numbers so any checkpoint format can hold it."""
         s = self.state
         _, keys, pos, has_gauss, cached_gaussian = s.rng.get_state()
-        return {"iter": s.iter,
-                "error": {str(k): v.clone() for k, v in s.error_dict.items()},
-                "p": {str(k): v.clone() for k, v in s.p_memory_dict.items()},
-                "q": {str(k): v.clone() for k, v in s.q_memory_dict.items()},
-                "numel_before_compression": s.total_numel_before_compression,
-                "numel_after_compression": s.total_numel_after_compression,
-                "rng": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
+        return {
+            "iter": s.iter,
+            "error": {str(k): v.clone() for k, v in s.error_dict.items()},
+            "p": {str(k): v.clone() for k, v in s.p_memory_dict.items()},
+            "q": {str(k): v.clone() for k, v in s.q_memory_dict.items()},
+            "numel_before_compression": s.total_numel_before_compression,
+            "numel_after_compression": s.total_numel_after_compression,
+            "rng": {
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached_gaussian),
+            },
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = {"iter", "error", "p", "q", "numel_before_compression", "numel_after_compression", "rng"}
@@ -141,18 +156,19 @@ class PowerSGDHook:
         s.total_numel_before_compression = int(state["numel_before_compression"])
         s.total_numel_after_compression = int(state["numel_after_compression"])
         rng = state["rng"]
-        s.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
-                         rng["cached_gaussian"]))
+        s.rng.set_state(
+            ("MT19937", rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"], rng["cached_gaussian"])
+        )
         self._dense_until_rebuild = s.iter >= s.start_powerSGD_iter
 
 
 class DDPStrategy(Strategy):
-    def __init__(self, name: str, options: Any, group: Optional[dist.ProcessGroup], hook: Hook) -> None:
+    def __init__(self, name: str, options: Any, group: dist.ProcessGroup | None, hook: Hook) -> None:
         self.name = name
         self.options = options
         self.comm = Comm(group)
         self.hook = hook
-        self.ddp: Optional[DistributedDataParallel] = None
+        self.ddp: DistributedDataParallel | None = None
         self._param_names: dict[int, str] = {}
         self._reductions: list[_BucketReduction] = []
 
@@ -161,8 +177,9 @@ class DDPStrategy(Strategy):
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         # forward_sync_buffers=False: buffers are not gradients and no other strategy syncs them per step, so the
         # bytes counted here stay comparable and complete (DDP still makes them equal once, at construction)
-        self.ddp = DistributedDataParallel(model, process_group=self.comm.group, bucket_cap_mb=self.options.bucket_mb,
-                                           forward_sync_buffers=False)
+        self.ddp = DistributedDataParallel(
+            model, process_group=self.comm.group, bucket_cap_mb=self.options.bucket_mb, forward_sync_buffers=False
+        )
         self.ddp.register_comm_hook(self, type(self)._hook)
         return self.ddp
 
@@ -179,8 +196,10 @@ class DDPStrategy(Strategy):
         return fut.then(finished)
 
     def _dense_parts(self, bucket: dist.GradBucket) -> dict[str, int]:
-        return {self._param_names[id(p)]: g.numel() * g.element_size()
-                for p, g in zip(bucket.parameters(), bucket.gradients())}
+        return {
+            self._param_names[id(p)]: g.numel() * g.element_size()
+            for p, g in zip(bucket.parameters(), bucket.gradients())
+        }
 
     def synchronize(self) -> CommStats:
         """DDP has already reduced every bucket by the time backward() returns: account for them."""
@@ -210,10 +229,10 @@ class DDPStrategy(Strategy):
         self.hook.load_state_dict(state)
 
 
-def build_ddp(options: Any, group: Optional[dist.ProcessGroup] = None) -> DDPStrategy:
+def build_ddp(options: Any, group: dist.ProcessGroup | None = None) -> DDPStrategy:
     return DDPStrategy("ddp", options, group, AllReduceHook())
 
 
-def build_ddp_powersgd(options: Any, group: Optional[dist.ProcessGroup] = None) -> DDPStrategy:
+def build_ddp_powersgd(options: Any, group: dist.ProcessGroup | None = None) -> DDPStrategy:
     # (factor_dtype fp32 and start_step >= 2 are the registry's rules for this strategy)
     return DDPStrategy("ddp-powersgd", options, group, PowerSGDHook(options, group))

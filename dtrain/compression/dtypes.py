@@ -1,5 +1,6 @@
 """The wire dtypes of compressed tensors (`comm.factor_dtype`, `comm.rest_dtype`). Arithmetic stays fp32: the
 16-bit types are for the wire only (QR, for one, has no half-precision kernels)."""
+
 from __future__ import annotations
 
 import torch

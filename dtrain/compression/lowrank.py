@@ -9,6 +9,7 @@ Q = Mᵀ P (in×k), i.e. P Qᵀ = P Pᵀ M is M projected onto span(P). It conve
 Everything here is a pure function of its arguments (no process group, no state), deterministic for
 identical inputs: ranks that start from the same seed and data get bitwise the same factors.
 """
+
 from __future__ import annotations
 
 import math

@@ -6,9 +6,8 @@
 
 Names are parameter or layer names, so a checkpoint stays readable and survives a change of bucketing.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -19,7 +18,7 @@ class TensorMemory:
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str) -> Optional[torch.Tensor]:
+    def get(self, name: str) -> torch.Tensor | None:
         return self._tensors.get(name)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:

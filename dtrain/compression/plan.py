@@ -15,11 +15,13 @@
   their gradient is formed locally from the captured pair and all-reduced with the rest; afterwards autograd
   computes it as usual.
 """
+
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .capture import LinearCapture
 from .codecs.base import LayerCodec, LayerStep
@@ -34,8 +36,9 @@ def allreduce_wire_bytes(in_features: int, out_features: int, world_size: int) -
     return 2.0 * (S - 1) / S * in_features * out_features * 4
 
 
-def layer_costs(codecs: Sequence[LayerCodec], in_features: int, out_features: int, rows: int,
-                world_size: int) -> dict[str, float]:
+def layer_costs(
+    codecs: Sequence[LayerCodec], in_features: int, out_features: int, rows: int, world_size: int
+) -> dict[str, float]:
     """Estimated wire bytes per rank per step of all-reduce and of each codec for one layer's weight gradient."""
     costs = {ALLREDUCE: allreduce_wire_bytes(in_features, out_features, world_size)}
     costs.update({c.name: c.wire_bytes(in_features, out_features, rows, world_size) for c in codecs})
@@ -74,25 +77,37 @@ class FixedPlan:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def describe(self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str],
-                 world_size: int) -> dict[str, Any]:
-        return {"strategy": strategy,
-                "layers": {c.name: {"in": c.in_features, "out": c.out_features} for c in captures},
-                "rest_params": list(rest), **self._codec.describe(captures)}
+    def describe(
+        self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
+    ) -> dict[str, Any]:
+        return {
+            "strategy": strategy,
+            "layers": {c.name: {"in": c.in_features, "out": c.out_features} for c in captures},
+            "rest_params": list(rest),
+            **self._codec.describe(captures),
+        }
 
 
 class CostModelPlan:
     """`auto`. `release(layer)` hands a layer planned as allreduce back to autograd (the strategy's)."""
 
-    def __init__(self, rows: LayerCodec, factors: LayerCodec, options: Any, world_size: int, is_main: bool,
-                 captures: Callable[[], Sequence[LinearCapture]], release: Callable[[LayerStep], None]) -> None:
+    def __init__(
+        self,
+        rows: LayerCodec,
+        factors: LayerCodec,
+        options: Any,
+        world_size: int,
+        is_main: bool,
+        captures: Callable[[], Sequence[LinearCapture]],
+        release: Callable[[LayerStep], None],
+    ) -> None:
         self._by_method = {rows.name: rows, factors.name: factors}
         self.options = options
         self.world_size = world_size
         self.is_main = is_main
         self._captures = captures
         self._release = release
-        self.plan: Optional[dict[str, dict[str, Any]]] = None
+        self.plan: dict[str, dict[str, Any]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -126,7 +141,9 @@ class CostModelPlan:
             costs = layer_costs(self.codecs(), c.in_features, c.out_features, rows, self.world_size)
             plan[c.name] = {
                 "method": choose_method(costs, self.options.min_compression_rate),
-                "in": c.in_features, "out": c.out_features, "rows": rows,
+                "in": c.in_features,
+                "out": c.out_features,
+                "rows": rows,
                 "k": factors.rank_for(c.in_features, c.out_features, rows),  # type: ignore[attr-defined]
                 "wire_bytes": costs,
             }
@@ -139,13 +156,14 @@ class CostModelPlan:
         """A resumed run keeps its plan (applied at the next synchronize) even if N differs now."""
         self.plan = state["plan"]
 
-    def describe(self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str],
-                 world_size: int) -> dict[str, Any]:
+    def describe(
+        self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
+    ) -> dict[str, Any]:
         return {
             "strategy": strategy,
             "cost_model": "wire bytes per rank per step: allreduce 2(S-1)/S*in*out*4, dad (S-1)*N*(in+out)*4, "
-                          "rankdad (S-1)*k*(in+out)*bytes(factor); rankdad only if min_compression_rate times "
-                          "cheaper than the exact choice",
+            "rankdad (S-1)*k*(in+out)*bytes(factor); rankdad only if min_compression_rate times "
+            "cheaper than the exact choice",
             "world_size": world_size,
             "rank": self.options.rank,
             "min_compression_rate": self.options.min_compression_rate,

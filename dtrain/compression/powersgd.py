@@ -10,11 +10,13 @@ Pieces, GRACE-style: `matrix_plan` decides what is compressed, `power_iteration_
 talks to other ranks only through the sum function it is given, so it runs without a process group),
 `ErrorFeedback` / `TensorMemory` hold the residuals and warm-start factors, `Comm` does the collectives.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -42,7 +44,7 @@ class MatrixPlan:
         return (self.rows + self.cols) * self.rank
 
 
-def matrix_plan(name: str, shape: Sequence[int], rank: int, min_compression_rate: float) -> Optional[MatrixPlan]:
+def matrix_plan(name: str, shape: Sequence[int], rank: int, min_compression_rate: float) -> MatrixPlan | None:
     """torch's rule (`powerSGD_hook._should_compress`), so that both PowerSGDs compress the same tensors: view as
     (n, m) = (shape[0], numel / shape[0]), use r = min(n, m, rank), compress only if (n + m) r x rate < n m.
     None: send raw. Vectors and scalars are always raw (for them the rule can never hold)."""
@@ -60,9 +62,14 @@ class SumAcrossRanks(Protocol):
     def __call__(self, tensor: torch.Tensor, name: str, *, parts: Mapping[str, int]) -> torch.Tensor: ...
 
 
-def power_iteration_mean(matrices: Sequence[torch.Tensor], qs: Sequence[torch.Tensor], plans: Sequence[MatrixPlan],
-                         all_reduce: SumAcrossRanks, world_size: int,
-                         factor_dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def power_iteration_mean(
+    matrices: Sequence[torch.Tensor],
+    qs: Sequence[torch.Tensor],
+    plans: Sequence[MatrixPlan],
+    all_reduce: SumAcrossRanks,
+    world_size: int,
+    factor_dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Low-rank approximation of the mean over ranks of each matrix, one subspace iteration per step:
 
         Q <- orth(Q);  P = sum_ranks M Q;  P <- orth(P);  Q = mean_ranks Mᵀ P;  approximation = P Qᵀ = P Pᵀ mean(M)
@@ -79,8 +86,9 @@ def power_iteration_mean(matrices: Sequence[torch.Tensor], qs: Sequence[torch.Te
     return [p @ q.T for p, q in zip(ps, qs)], qs
 
 
-def _sum_packed(tensors: list[torch.Tensor], plans: Sequence[MatrixPlan], all_reduce: SumAcrossRanks, name: str,
-                dtype: torch.dtype) -> list[torch.Tensor]:
+def _sum_packed(
+    tensors: list[torch.Tensor], plans: Sequence[MatrixPlan], all_reduce: SumAcrossRanks, name: str, dtype: torch.dtype
+) -> list[torch.Tensor]:
     """Sum over ranks of several tensors in one collective, sent as `dtype`, returned in their own dtype."""
     flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     all_reduce(flat, name, parts={plan.name: t.numel() * flat.element_size() for plan, t in zip(plans, tensors)})
@@ -88,8 +96,9 @@ def _sum_packed(tensors: list[torch.Tensor], plans: Sequence[MatrixPlan], all_re
     return [chunk.view_as(t).to(t.dtype) for chunk, t in zip(chunks, tensors)]
 
 
-def initial_factor(plans: Sequence[MatrixPlan], step: int, dtype: torch.dtype,
-                   device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def initial_factor(
+    plans: Sequence[MatrixPlan], step: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
     """Random Q for a cold start, drawn from a generator seeded by the step. The same on every rank, because
     sum_ranks M Q = (sum_ranks M) Q only for a shared Q: with per-rank Qs, P would not span the mean's columns.
     The same after a restart (no RNG state to checkpoint); different from step to step. Drawn on the CPU, so
@@ -101,7 +110,7 @@ def initial_factor(plans: Sequence[MatrixPlan], step: int, dtype: torch.dtype,
 class PowerSGD(Strategy):
     name = "powersgd"
 
-    def __init__(self, options: Any, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, options: Any, group: dist.ProcessGroup | None = None) -> None:
         self.cfg = options
         self.comm = Comm(group)
         self.factor_dtype = wire_dtype(options.factor_dtype)
@@ -109,16 +118,17 @@ class PowerSGD(Strategy):
         self.residuals = ErrorFeedback()
         self.factors = TensorMemory()
         self.compressed: list[tuple[MatrixPlan, nn.Parameter]] = []
-        self.plain: Optional[BucketedMean] = None
-        self.raw: Optional[BucketedMean] = None
+        self.plain: BucketedMean | None = None
+        self.raw: BucketedMean | None = None
 
     def attach(self, model: nn.Module) -> nn.Module:
         params = trainable_parameters(model)
         plans = {n: matrix_plan(n, p.shape, self.cfg.rank, self.cfg.min_compression_rate) for n, p in params}
         self.compressed = [(plan, p) for n, p in params if (plan := plans[n]) is not None]
         self.plain = BucketedMean(params, self.cfg.bucket_mb, prefix="powersgd/plain")
-        self.raw = BucketedMean([(n, p) for n, p in params if plans[n] is None], self.cfg.bucket_mb,
-                                prefix="powersgd/raw")
+        self.raw = BucketedMean(
+            [(n, p) for n, p in params if plans[n] is None], self.cfg.bucket_mb, prefix="powersgd/raw"
+        )
         return model
 
     def synchronize(self) -> CommStats:
@@ -145,8 +155,9 @@ class PowerSGD(Strategy):
         cold = [plan for plan, q in zip(plans, qs) if q is None]
         fresh = iter(initial_factor(cold, self.step, matrices[0].dtype, matrices[0].device))
         qs = [next(fresh) if q is None else q for q in qs]
-        approximations, qs = power_iteration_mean(matrices, qs, plans, self.comm.all_reduce_, self.comm.world_size,
-                                                  self.factor_dtype)
+        approximations, qs = power_iteration_mean(
+            matrices, qs, plans, self.comm.all_reduce_, self.comm.world_size, self.factor_dtype
+        )
         for plan, g, c, a, q in zip(plans, grads, compensated, approximations, qs):
             delivered = a.view_as(g)
             if ef:
@@ -166,13 +177,19 @@ class PowerSGD(Strategy):
         return self.raw.nbytes + factor_numel * self.factor_dtype.itemsize
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"strategy": self.name, "rank": self.cfg.rank, "start_step": self.cfg.start_step,
-                                "factor_dtype": self.cfg.factor_dtype}
+        info: dict[str, Any] = {
+            "strategy": self.name,
+            "rank": self.cfg.rank,
+            "start_step": self.cfg.start_step,
+            "factor_dtype": self.cfg.factor_dtype,
+        }
         if self.raw is not None:
-            info.update(compressed={p.name: [p.rows, p.cols, p.rank] for p, _ in self.compressed},
-                        raw=[n for bucket in self.raw.layout() for n in bucket],
-                        bytes_per_step_plain=self.bytes_per_step(0),
-                        bytes_per_step_compressed=self.bytes_per_step(self.cfg.start_step))
+            info.update(
+                compressed={p.name: [p.rows, p.cols, p.rank] for p, _ in self.compressed},
+                raw=[n for bucket in self.raw.layout() for n in bucket],
+                bytes_per_step_plain=self.bytes_per_step(0),
+                bytes_per_step_compressed=self.bytes_per_step(self.cfg.start_step),
+            )
         return info
 
     def state_dict(self) -> dict[str, Any]:
@@ -181,8 +198,7 @@ class PowerSGD(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != {"step", "residuals", "factors"}:
-            raise ValueError(f"powersgd: strategy state has keys {sorted(state)}; expected factors, residuals, "
-                             "step")
+            raise ValueError(f"powersgd: strategy state has keys {sorted(state)}; expected factors, residuals, step")
         self.step = int(state["step"])
         self.residuals.load_state_dict(state["residuals"])
         self.factors.load_state_dict(state["factors"])

@@ -8,21 +8,27 @@ strategy is named once. Torch-free: the config is validated before torch is impo
 `comm.rank` for all of them); each strategy gets its own typed, frozen options object holding only the keys in
 `StrategySpec.options`, validated with the strategy's own rules.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
 
 def _ddp_powersgd_rules(o: Any) -> None:
     if o.factor_dtype != "fp32":
-        raise ValueError(f"comm.factor_dtype={o.factor_dtype!r} with comm.strategy='ddp-powersgd': torch's "
-                         "powerSGD_hook sends fp32 factors only; use comm.strategy=powersgd for low-precision factors")
+        raise ValueError(
+            f"comm.factor_dtype={o.factor_dtype!r} with comm.strategy='ddp-powersgd': torch's "
+            "powerSGD_hook sends fp32 factors only; use comm.strategy=powersgd for low-precision factors"
+        )
     if o.start_step < 2 and (o.error_feedback or o.warm_start):
-        raise ValueError(f"comm.start_step={o.start_step} with comm.strategy='ddp-powersgd': torch's PowerSGD "
-                         "needs start_step >= 2 when error feedback or warm start is on")
+        raise ValueError(
+            f"comm.start_step={o.start_step} with comm.strategy='ddp-powersgd': torch's PowerSGD "
+            "needs start_step >= 2 when error feedback or warm start is on"
+        )
 
 
 @dataclass(frozen=True)
@@ -44,25 +50,61 @@ _LOWRANK = ("rank", "error_feedback", "warm_start", "factor_dtype")
 _CAPTURE = ("bucket_mb", "rest_dtype", "overlap", "error_feedback")
 _RANKDAD = (*_CAPTURE, "rank", "warm_start", "factor_dtype", "power_iters", "rankdad_mode", "spectrum_every")
 
-STRATEGIES: dict[str, StrategySpec] = {s.name: s for s in (
-    StrategySpec("allreduce", "dtrain.compression.allreduce:AllReduce", True,
-                 "exact baseline: every gradient, fp32, bucketed ring all-reduce", ("bucket_mb",)),
-    StrategySpec("ddp", "dtrain.compression.ddp:build_ddp", True,
-                 "torch DistributedDataParallel (buckets reduced during backward)", ("bucket_mb",)),
-    StrategySpec("ddp-powersgd", "dtrain.compression.ddp:build_ddp_powersgd", False,
-                 "DDP with torch's PowerSGD comm hook", ("bucket_mb", *_LOWRANK, "start_step", "min_compression_rate"),
-                 _ddp_powersgd_rules),
-    StrategySpec("powersgd", "dtrain.compression.powersgd:PowerSGD", False,
-                 "our PowerSGD: rank-r factors all-reduced, error feedback, warm start",
-                 ("bucket_mb", *_LOWRANK, "start_step", "min_compression_rate")),
-    StrategySpec("dad", "dtrain.compression.captured:build_dad", True,
-                 "dAD: Linear layers send their (A, Δ) rows (exact)", _CAPTURE),
-    StrategySpec("rankdad", "dtrain.compression.captured:build_rankdad", False,
-                 "rank-dAD: Linear layers send k low-rank factors of Δᵀ A", _RANKDAD),
-    StrategySpec("auto", "dtrain.compression.captured:build_auto", False,
-                 "per Linear layer the cheapest of all-reduce, dad and rankdad by wire bytes",
-                 (*_RANKDAD, "min_compression_rate")),
-)}
+STRATEGIES: dict[str, StrategySpec] = {
+    s.name: s
+    for s in (
+        StrategySpec(
+            "allreduce",
+            "dtrain.compression.allreduce:AllReduce",
+            True,
+            "exact baseline: every gradient, fp32, bucketed ring all-reduce",
+            ("bucket_mb",),
+        ),
+        StrategySpec(
+            "ddp",
+            "dtrain.compression.ddp:build_ddp",
+            True,
+            "torch DistributedDataParallel (buckets reduced during backward)",
+            ("bucket_mb",),
+        ),
+        StrategySpec(
+            "ddp-powersgd",
+            "dtrain.compression.ddp:build_ddp_powersgd",
+            False,
+            "DDP with torch's PowerSGD comm hook",
+            ("bucket_mb", *_LOWRANK, "start_step", "min_compression_rate"),
+            _ddp_powersgd_rules,
+        ),
+        StrategySpec(
+            "powersgd",
+            "dtrain.compression.powersgd:PowerSGD",
+            False,
+            "our PowerSGD: rank-r factors all-reduced, error feedback, warm start",
+            ("bucket_mb", *_LOWRANK, "start_step", "min_compression_rate"),
+        ),
+        StrategySpec(
+            "dad",
+            "dtrain.compression.captured:build_dad",
+            True,
+            "dAD: Linear layers send their (A, Δ) rows (exact)",
+            _CAPTURE,
+        ),
+        StrategySpec(
+            "rankdad",
+            "dtrain.compression.captured:build_rankdad",
+            False,
+            "rank-dAD: Linear layers send k low-rank factors of Δᵀ A",
+            _RANKDAD,
+        ),
+        StrategySpec(
+            "auto",
+            "dtrain.compression.captured:build_auto",
+            False,
+            "per Linear layer the cheapest of all-reduce, dad and rankdad by wire bytes",
+            (*_RANKDAD, "min_compression_rate"),
+        ),
+    )
+}
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 EXACT_STRATEGIES: tuple[str, ...] = tuple(n for n, s in STRATEGIES.items() if s.exact)
@@ -92,8 +134,10 @@ def strategy_options(comm: BaseModel) -> BaseModel:
     for key, (neutral, purpose) in _RESULT_CHANGING.items():
         if key not in spec.options and getattr(comm, key) != neutral:
             users = [n for n, s in STRATEGIES.items() if key in s.options]
-            raise ValueError(f"comm.{key}={getattr(comm, key)!r} with comm.strategy={spec.name!r}: only "
-                             f"{', '.join(users[:-1])} and {users[-1]} {purpose}; use {key}={neutral}")
+            raise ValueError(
+                f"comm.{key}={getattr(comm, key)!r} with comm.strategy={spec.name!r}: only "
+                f"{', '.join(users[:-1])} and {users[-1]} {purpose}; use {key}={neutral}"
+            )
     options = options_model(spec.name, type(comm))(**{f: getattr(comm, f) for f in spec.options})
     if spec.rules is not None:
         spec.rules(options)

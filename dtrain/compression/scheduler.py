@@ -25,11 +25,13 @@ ranks must call the same collectives in the same order whatever the timing, so:
 `last_round` reports the last overlapped step: per layer when its collective was launched and completed, whether
 it was launched during backward, and its bytes (the overlap benchmark reads it).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -45,7 +47,7 @@ class Capture(Protocol):
     name: str
     pending: int
     forward_rows: int
-    first_call: Optional[int]
+    first_call: int | None
     dense_grad_arrived: bool
 
     @property
@@ -62,7 +64,7 @@ class LayerRecord:
 
     layer: str
     launched: float
-    done: Optional[float]
+    done: float | None
     in_backward: bool
     bytes: int
 
@@ -99,14 +101,20 @@ class LayerScheduler:
     """`captures()` returns the layers currently captured (a plan may release some after the first step);
     `launch` starts one layer's collective (the layer's codec); `overlapping()` says whether this step overlaps."""
 
-    def __init__(self, name: str, comm: Comm, captures: Callable[[], Sequence[Capture]],
-                 launch: Callable[[LayerStep], Pending], overlapping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        name: str,
+        comm: Comm,
+        captures: Callable[[], Sequence[Capture]],
+        launch: Callable[[LayerStep], Pending],
+        overlapping: Callable[[], bool],
+    ) -> None:
         self.name = name  # the strategy's, for messages
         self.comm = comm
         self.captures = captures
         self.launch = launch
         self.overlapping = overlapping
-        self._round: Optional[_Round] = None
+        self._round: _Round | None = None
         self._in_backward = False
         self.last_round = RoundReport()
 
@@ -121,8 +129,10 @@ class LayerScheduler:
         taken = [c.take() for c in captures]
         table = self.comm.exchange_counts([a.shape[0] for a, _ in taken] + dense)
         n = len(captures)
-        return [LayerStep(c, a, d, [t[i] for t in table], any(t[n + i] for t in table))
-                for i, (c, (a, d)) in enumerate(zip(captures, taken))]
+        return [
+            LayerStep(c, a, d, [t[i] for t in table], any(t[n + i] for t in table))
+            for i, (c, (a, d)) in enumerate(zip(captures, taken))
+        ]
 
     # ------------------------------------------------------------------ with overlap
     def on_delta(self, capture: Capture) -> None:
@@ -164,8 +174,10 @@ class LayerScheduler:
             a, delta = capture.take(reset_dense=False)
             rows = [t[i] for t in rnd.rows]
             if a.shape[0] > rows[self.comm.rank]:
-                raise RuntimeError(f"{self.name}: {capture.name} recorded {a.shape[0]} rows but its forward calls announced "
-                                   f"{rows[self.comm.rank]}")
+                raise RuntimeError(
+                    f"{self.name}: {capture.name} recorded {a.shape[0]} rows but its forward calls announced "
+                    f"{rows[self.comm.rank]}"
+                )
             pending = self.launch(LayerStep(capture, a, delta, rows, False))
             pending.in_backward = self._in_backward
             rnd.launched[i] = pending
@@ -186,9 +198,11 @@ class LayerScheduler:
                 gather.wait()
             for capture in captures:
                 capture.take()
-            raise RuntimeError(f"{self.name}: {', '.join(late)} recorded pairs after their collective had started (a second "
-                               "backward before synchronize()): wrap the accumulating backward passes in "
-                               "strategy.no_sync(), or set comm.overlap=false")
+            raise RuntimeError(
+                f"{self.name}: {', '.join(late)} recorded pairs after their collective had started (a second "
+                "backward before synchronize()): wrap the accumulating backward passes in "
+                "strategy.no_sync(), or set comm.overlap=false"
+            )
         dense = self.comm.exchange_counts([int(c.dense_grad_arrived) for c in captures], "meta/dense")
         report = RoundReport()
         for i in rnd.order:
@@ -198,6 +212,13 @@ class LayerScheduler:
             finish(pending)
             g = pending.gather
             if g is not None:
-                report.layers.append(LayerRecord(pending.layer.capture.name, g.launched, g.done or time.perf_counter(),
-                                                 pending.in_backward, g.nbytes))
+                report.layers.append(
+                    LayerRecord(
+                        pending.layer.capture.name,
+                        g.launched,
+                        g.done or time.perf_counter(),
+                        pending.in_backward,
+                        g.nbytes,
+                    )
+                )
         self.last_round = report

@@ -10,6 +10,7 @@
 Example i of a split is a pure function of (data.seed, split, i): any rank builds exactly its own shard, and
 val examples never occur in train.
 """
+
 from __future__ import annotations
 
 from dtrain.config import TASK_NAMES, DataConfig

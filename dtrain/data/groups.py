@@ -6,6 +6,7 @@ p_t = g_t ∘ p_{t-1} (apply g_1 first), p_0 = identity, and the class is the in
 elements in lexicographic order of their one-line notation. Each example draws its own rate r ~ U(0, 1) of
 non-identity tokens; the difficulty is the number of non-identity tokens, i.e. the number of state changes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,9 +51,15 @@ class StateTracking(Task):
         # successor[token, state] = class of token ∘ state
         self.successor = np.array([[index[compose(g, p)] for p in elements] for g in (identity, *generators)])
         self.identity_class = index[identity]
-        self.spec = TaskSpec(name=cfg.task, vocab_size=1 + len(generators), seq_len=cfg.seq_len,
-                             num_classes=len(elements), per_token=True, targets_per_example=cfg.seq_len,
-                             pad_id=None)
+        self.spec = TaskSpec(
+            name=cfg.task,
+            vocab_size=1 + len(generators),
+            seq_len=cfg.seq_len,
+            num_classes=len(elements),
+            per_token=True,
+            targets_per_example=cfg.seq_len,
+            pad_id=None,
+        )
 
     def sample(self, rng: np.random.Generator) -> Example:
         length = self.spec.seq_len

@@ -7,6 +7,7 @@ for an even count), so every value is a digit. The difficulty is the nesting dep
 1..data.max_depth; every expression fits seq_len (the rest is padding) because each argument is generated
 within the tokens its later siblings leave over.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,15 +70,24 @@ class ListOps(Task):
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         if cfg.seq_len < min_length(cfg.max_depth):
-            raise ValueError(f"data.seq_len={cfg.seq_len} is too short for listops with data.max_depth="
-                             f"{cfg.max_depth}: the shortest such expression has {min_length(cfg.max_depth)} tokens")
+            raise ValueError(
+                f"data.seq_len={cfg.seq_len} is too short for listops with data.max_depth="
+                f"{cfg.max_depth}: the shortest such expression has {min_length(cfg.max_depth)} tokens"
+            )
         self.max_depth = cfg.max_depth
-        self.spec = TaskSpec(name="listops", vocab_size=VOCAB, seq_len=cfg.seq_len, num_classes=10,
-                             per_token=False, targets_per_example=1, pad_id=PAD)
+        self.spec = TaskSpec(
+            name="listops",
+            vocab_size=VOCAB,
+            seq_len=cfg.seq_len,
+            num_classes=10,
+            per_token=False,
+            targets_per_example=1,
+            pad_id=PAD,
+        )
 
     def sample(self, rng: np.random.Generator) -> Example:
         depth = int(rng.integers(1, self.max_depth + 1))
         tokens, value = expression(rng, depth, self.spec.seq_len)
         padded = np.full(self.spec.seq_len, PAD, dtype=np.int64)
-        padded[:len(tokens)] = tokens
+        padded[: len(tokens)] = tokens
         return Example(tokens=padded, targets=np.array(value, dtype=np.int64), difficulty=depth)

@@ -3,6 +3,7 @@
 Each example first draws its own rate p ~ U(0, 1) of ones, so the number of ones (the number of times the
 running parity flips, used as the difficulty) is spread evenly over 0..L instead of bunching around L/2.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,15 @@ from .tasks import Example, Task, TaskSpec
 class PrefixParity(Task):
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
-        self.spec = TaskSpec(name="parity", vocab_size=2, seq_len=cfg.seq_len, num_classes=2, per_token=True,
-                             targets_per_example=cfg.seq_len, pad_id=None)
+        self.spec = TaskSpec(
+            name="parity",
+            vocab_size=2,
+            seq_len=cfg.seq_len,
+            num_classes=2,
+            per_token=True,
+            targets_per_example=cfg.seq_len,
+            pad_id=None,
+        )
 
     def sample(self, rng: np.random.Generator) -> Example:
         ones_rate = rng.random()

@@ -5,12 +5,13 @@ candidate is kept only if a hash of its tokens assigns it to that split, otherwi
 So any rank can build exactly the examples it needs, a batch equals its examples built one at a time, and a
 token sequence that can appear in "val" can never appear in "train" (the hash decides, not the sampler).
 """
+
 from __future__ import annotations
 
 import abc
 import hashlib
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class TaskSpec:
     num_classes: int
     per_token: bool
     targets_per_example: int
-    pad_id: Optional[int]
+    pad_id: int | None
 
 
 @dataclass(frozen=True)
@@ -76,23 +77,26 @@ class Task(abc.ABC):
         """A random candidate example (any split)."""
 
     def split_of(self, tokens: np.ndarray) -> Split:
-        digest = hashlib.blake2b(tokens.astype(np.int64).tobytes(), digest_size=8,
-                                 key=str(self.seed).encode()).digest()
+        digest = hashlib.blake2b(tokens.astype(np.int64).tobytes(), digest_size=8, key=str(self.seed).encode()).digest()
         return "val" if int.from_bytes(digest, "little") < VAL_FRACTION * 2**64 else "train"
 
     def example(self, split: Split, index: int) -> Example:
         if split not in _SPLIT_CODE:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if index < 0 or (split == "val" and index >= self.n_val):
-            raise IndexError(f"{self.spec.name}: {split} index {index} out of range"
-                             + (f" (data.n_val={self.n_val})" if split == "val" else ""))
+            raise IndexError(
+                f"{self.spec.name}: {split} index {index} out of range"
+                + (f" (data.n_val={self.n_val})" if split == "val" else "")
+            )
         for attempt in range(MAX_ATTEMPTS):
             rng = np.random.default_rng([self.seed % 2**63, _SPLIT_CODE[split], index, attempt])
             candidate = self.sample(rng)
             if self.split_of(candidate.tokens) == split:
                 return candidate
-        raise RuntimeError(f"{self.spec.name}: no {split} example found in {MAX_ATTEMPTS} draws; "
-                           f"seq_len={self.spec.seq_len} allows too few distinct sequences to hold out a split")
+        raise RuntimeError(
+            f"{self.spec.name}: no {split} example found in {MAX_ATTEMPTS} draws; "
+            f"seq_len={self.spec.seq_len} allows too few distinct sequences to hold out a split"
+        )
 
     def batch(self, split: Split, start: int, count: int) -> Batch:
         """Examples start .. start+count-1 of `split`, stacked."""
@@ -108,5 +112,6 @@ class Task(abc.ABC):
             mask = torch.ones_like(tokens_t, dtype=torch.bool)
         else:
             mask = tokens_t != self.spec.pad_id
-        return Batch(tokens=tokens_t, targets=torch.from_numpy(targets), mask=mask,
-                     difficulty=torch.from_numpy(difficulty))
+        return Batch(
+            tokens=tokens_t, targets=torch.from_numpy(targets), mask=mask, difficulty=torch.from_numpy(difficulty)
+        )

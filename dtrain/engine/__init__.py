@@ -8,10 +8,11 @@ An engine whose optimizer state is not a plain torch optimizer's (DeepSpeed ZeRO
 names its format instead and writes and reads model + optimizer itself with `save_state(dir)` / `load_state(dir)`,
 called on every rank, inside the checkpoint directory (so the manifest covers the files).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 
 class Engine(Protocol):
     module: nn.Module  # the model whose parameters are trained (unwrapped)
-    state_format: Optional[str]  # None: DCP; else save_state/load_state below (recorded in meta.json)
+    state_format: str | None  # None: DCP; else save_state/load_state below (recorded in meta.json)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
 
@@ -38,10 +39,15 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    state_format: Optional[str] = None
+    state_format: str | None = None
 
-    def __init__(self, module: nn.Module, fwd: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        fwd: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> None:
         self.module, self.fwd, self.optimizer, self.scheduler = module, fwd, optimizer, scheduler
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,8 +68,14 @@ class TorchEngine:
         pass
 
 
-def build_engine(cfg, module: nn.Module, fwd: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, world_size: int) -> Engine:
+def build_engine(
+    cfg,
+    module: nn.Module,
+    fwd: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    world_size: int,
+) -> Engine:
     if cfg.train.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 

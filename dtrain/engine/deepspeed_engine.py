@@ -14,6 +14,7 @@ flat partition the step reads. `step()` below runs that epilogue on the strategy
 nothing queued for DeepSpeed to reduce (checked). Its checkpoints are DeepSpeed's own (`save_state`), since
 the optimizer state exists only in partitions. ZeRO-2/3 are refused, see `_check_supported`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,12 +23,12 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, check_world_size
 from ..distributed import barrier
 
 
@@ -59,8 +60,7 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
     """The ds_config generated from our config, merged with train.deepspeed_config, then checked: anything that
     would make DeepSpeed do part of the trainer's or the strategy's job is refused in one line."""
     t = cfg.train
-    if t.batch_size % world_size:
-        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the world size {world_size}")
+    check_world_size(cfg, world_size)
     micro = t.batch_size // world_size
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 1:
@@ -85,58 +85,84 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
 
     gas = ds.get("gradient_accumulation_steps")
     if gas != 1:
-        raise ConfigError(f"{src}: gradient_accumulation_steps={gas} is not supported (the trainer makes one "
-                          "optimizer step per micro-batch); remove it or set 1")
-    if ds.get("train_micro_batch_size_per_gpu") * gas * world_size != ds.get("train_batch_size") \
-            or ds.get("train_batch_size") != t.batch_size:
+        raise ConfigError(
+            f"{src}: gradient_accumulation_steps={gas} is not supported (the trainer makes one "
+            "optimizer step per micro-batch); remove it or set 1"
+        )
+    if (
+        ds.get("train_micro_batch_size_per_gpu") * gas * world_size != ds.get("train_batch_size")
+        or ds.get("train_batch_size") != t.batch_size
+    ):
         raise ConfigError(
             f"{src}: inconsistent batch sizes: train_batch_size={ds.get('train_batch_size')}, "
             f"train_micro_batch_size_per_gpu={ds.get('train_micro_batch_size_per_gpu')}, "
             f"gradient_accumulation_steps={gas}, world size {world_size}; need train_batch_size = micro x 1 x "
-            f"world size = train.batch_size ({t.batch_size}); drop the batch keys from the JSON to let dtrain set them")
+            f"world size = train.batch_size ({t.batch_size}); drop the batch keys from the JSON to let dtrain set them"
+        )
     if ds.get("gradient_clipping", 0.0):
-        raise ConfigError(f"{src}: gradient_clipping={ds['gradient_clipping']} must be 0: dtrain clips after the "
-                          "strategy's synchronisation (set train.grad_clip instead)")
+        raise ConfigError(
+            f"{src}: gradient_clipping={ds['gradient_clipping']} must be 0: dtrain clips after the "
+            "strategy's synchronisation (set train.grad_clip instead)"
+        )
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ConfigError(f"{src}: '{key}' is not supported: dtrain passes its own optimizer and schedule "
-                              "(train.optimizer, train.lr, train.schedule)")
+            raise ConfigError(
+                f"{src}: '{key}' is not supported: dtrain passes its own optimizer and schedule "
+                "(train.optimizer, train.lr, train.schedule)"
+            )
     for key in ("fp16", "bf16"):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
             raise ConfigError(f"{src}: {key} is not supported: the strategies synchronise fp32 gradients on p.grad")
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage != t.zero_stage:
-        raise ConfigError(f"{src}: zero_optimization.stage={stage} differs from train.zero_stage={t.zero_stage}; "
-                          "set the stage with train.zero_stage")
+        raise ConfigError(
+            f"{src}: zero_optimization.stage={stage} differs from train.zero_stage={t.zero_stage}; "
+            "set the stage with train.zero_stage"
+        )
     if zero.get("overlap_comm"):
-        raise ConfigError(f"{src}: zero_optimization.overlap_comm=true is not supported: it reduces gradients in "
-                          "DeepSpeed's backward hooks, a second sync next to comm.strategy; remove it")
+        raise ConfigError(
+            f"{src}: zero_optimization.overlap_comm=true is not supported: it reduces gradients in "
+            "DeepSpeed's backward hooks, a second sync next to comm.strategy; remove it"
+        )
     for key in ("offload_optimizer", "offload_param"):
         if isinstance(zero.get(key), dict) and zero[key].get("device", "none") != "none":
-            raise ConfigError(f"{src}: zero_optimization.{key} is not supported: ZeRO-Offload moves gradients "
-                              "inside DeepSpeed's own reduction, which comm.strategy replaces; remove it")
+            raise ConfigError(
+                f"{src}: zero_optimization.{key} is not supported: ZeRO-Offload moves gradients "
+                "inside DeepSpeed's own reduction, which comm.strategy replaces; remove it"
+            )
     return ds
 
 
 def _check_supported(cfg, module: nn.Module, fwd: nn.Module) -> None:
     if fwd is not module:
-        raise ConfigError(f"comm.strategy={cfg.comm.strategy!r} wraps the model (DistributedDataParallel), which "
-                          "cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad or auto")
+        raise ConfigError(
+            f"comm.strategy={cfg.comm.strategy!r} wraps the model (DistributedDataParallel), which "
+            "cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad or auto"
+        )
     if cfg.train.zero_stage >= 2:
         # ZeRO-2 reduce-scatters each gradient in a backward hook that enable_backward_allreduce does not cover,
         # then frees p.grad; ZeRO-3 also partitions the weights. The strategy (even allreduce: it would reduce a
         # second time, or find no p.grad), the trainer's clipping and its NaN check all need whole gradients.
         # (The config already refuses ZeRO-2/3 with the other strategies.)
-        raise ConfigError(f"train.zero_stage={cfg.train.zero_stage} is not supported by dtrain's deepspeed engine: "
-                          "ZeRO-2/3 reduce and partition the gradients inside DeepSpeed's backward, where "
-                          "comm.strategy cannot replace the sync; use train.zero_stage=1 (partitioned optimizer "
-                          "state) or 0")
+        raise ConfigError(
+            f"train.zero_stage={cfg.train.zero_stage} is not supported by dtrain's deepspeed engine: "
+            "ZeRO-2/3 reduce and partition the gradients inside DeepSpeed's backward, where "
+            "comm.strategy cannot replace the sync; use train.zero_stage=1 (partitioned optimizer "
+            "state) or 0"
+        )
 
 
 class DeepSpeedEngine:
-    def __init__(self, cfg, module: nn.Module, fwd: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, world_size: int) -> None:
+    def __init__(
+        self,
+        cfg,
+        module: nn.Module,
+        fwd: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        world_size: int,
+    ) -> None:
         _check_supported(cfg, module, fwd)
         ds_config = build_ds_config(cfg, world_size)
         if world_size == 1:
@@ -148,7 +174,8 @@ class DeepSpeedEngine:
         # ZeRO-1's weight all-gather calls this torch API, which warns once per process on every run
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         self.ds, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
         # The strategy is the only gradient sync; DeepSpeed checks this flag in backward() and in step().
         self.ds.enable_backward_allreduce = False
         _unlink_shm_workspace()
@@ -157,7 +184,7 @@ class DeepSpeedEngine:
         self.comms_logger = bool(ds_config["comms_logger"]["enabled"])
         # ZeRO-0 keeps plain module + torch optimizer: the Checkpointer's DCP stores them. ZeRO-1's optimizer
         # state exists only as per-rank partitions: DeepSpeed's own checkpoint (save_state / load_state).
-        self.state_format: Optional[str] = "deepspeed" if self.zero_stage else None
+        self.state_format: str | None = "deepspeed" if self.zero_stage else None
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.ds(tokens, mask)
@@ -184,8 +211,10 @@ class DeepSpeedEngine:
         opt = self.ds.optimizer
         queued = sum(b.elements + len(b.params) for b in opt.ipg_buckets.values())
         if queued:
-            raise RuntimeError(f"DeepSpeed queued gradients for its own reduction ({queued} elements/params) "
-                               "although enable_backward_allreduce is off; comm.strategy must be the only sync")
+            raise RuntimeError(
+                f"DeepSpeed queued gradients for its own reduction ({queued} elements/params) "
+                "although enable_backward_allreduce is off; comm.strategy must be the only sync"
+            )
         opt.independent_gradient_partition_epilogue()
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -200,8 +229,9 @@ class DeepSpeedEngine:
 
     def load_state(self, directory: Path) -> None:
         """Weights and optimizer partitions back into the engine. The scheduler is the trainer's (meta.json)."""
-        path, _ = self.ds.load_checkpoint(str(directory / "deepspeed"), tag=self._TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+        path, _ = self.ds.load_checkpoint(
+            str(directory / "deepspeed"), tag=self._TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load its checkpoint from {directory / 'deepspeed'}")
 
@@ -227,6 +257,8 @@ def _unlink_shm_workspace() -> None:
     if env.get("LOCAL_SIZE") != env.get("WORLD_SIZE", "1"):
         return
     barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
-            f"{env.get('RANK', '0')}")
+    name = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_"
+        f"{env.get('RANK', '0')}"
+    )
     Path("/dev/shm", name).unlink(missing_ok=True)

@@ -7,6 +7,7 @@
 
 The last two are dtrain.metrics.ReportsStatistics: the trainer logs them without knowing about FPSA.
 """
+
 from .attention import VanillaAttention
 from .fpsa import FixedPointAttention
 from .transformer import SelfTransformer, build_model

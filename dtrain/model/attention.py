@@ -3,10 +3,10 @@
 Both layers own exactly four projections named q, k, v, o (d_model x d_model; q, v, o with bias, k without), so
 a checkpoint or a strategy that addresses parameters by name sees the same model whichever attention is configured.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-def key_padding_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def key_padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """An additive [B, 1, 1, L] bias that removes padded keys; None when nothing is padded.
 
     The most negative finite value (not -inf) keeps a fully padded row finite instead of NaN.
@@ -36,8 +36,9 @@ def key_padding_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Option
     return bias.masked_fill(~mask, torch.finfo(dtype).min)[:, None, None, :]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-           scale: torch.Tensor | float) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | float
+) -> torch.Tensor:
     """softmax(q kᵀ * scale + bias) v over heads: q, k, v [B, H, L, dh]; scale a float or [H, 1, 1]."""
     scores = q @ k.transpose(-1, -2) * scale
     if bias is not None:
@@ -56,9 +57,14 @@ class VanillaAttention(nn.Module):
         self.v = nn.Linear(d_model, d_model)
         self.o = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         heads = self.n_heads
         scale = 1.0 / math.sqrt(x.shape[-1] // heads)
-        mixed = attend(split_heads(self.q(x), heads), split_heads(self.k(x), heads), split_heads(self.v(x), heads),
-                       key_padding_bias(mask, x.dtype), scale)
+        mixed = attend(
+            split_heads(self.q(x), heads),
+            split_heads(self.k(x), heads),
+            split_heads(self.v(x), heads),
+            key_padding_bias(mask, x.dtype),
+            scale,
+        )
         return self.o(merge_heads(mixed))

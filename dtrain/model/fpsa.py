@@ -27,12 +27,13 @@ With fpsa.spectral_norm, W_Q, W_K, W_O are divided by their largest singular val
 forward) and applied with F.linear on the normalised weight: those three then get plain autograd gradients and
 their modules are never called; v is still called as a module.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 _LOOP_PROJECTIONS = ("q", "k", "o")  # the projections applied inside the loop (v is applied once, to X)
 
 
-def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
@@ -78,7 +79,7 @@ class FixedPointAttention(nn.Module):
         if cfg.spectral_norm:
             for name in _LOOP_PROJECTIONS:
                 self.register_buffer(f"{name}_sigma_u", spectral.init_vector(getattr(self, name).weight))
-        self.last_solve: Optional[SolveStats] = None
+        self.last_solve: SolveStats | None = None
         self.last_adjoint = AdjointRecord()
 
     # ------------------------------------------------------------------------------------------ the map f
@@ -93,8 +94,10 @@ class FixedPointAttention(nn.Module):
         """W_Q, W_K, W_O for this forward, spectrally normalised once here when configured."""
         weights = {name: getattr(self, name).weight for name in _LOOP_PROJECTIONS}
         if self.cfg.spectral_norm:
-            weights = {name: spectral.normalise(w, getattr(self, f"{name}_sigma_u"), update=self.training)
-                       for name, w in weights.items()}
+            weights = {
+                name: spectral.normalise(w, getattr(self, f"{name}_sigma_u"), update=self.training)
+                for name, w in weights.items()
+            }
         return weights
 
     def _live_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
@@ -106,12 +109,15 @@ class FixedPointAttention(nn.Module):
 
     def _frozen_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
         """The same maps on detached parameters: for the no-grad solve and the adjoint's Jᵀλ products."""
-        fns = {name: partial(F.linear, weight=weights[name].detach(), bias=_detached(getattr(self, name).bias))
-               for name in weights}
+        fns = {
+            name: partial(F.linear, weight=weights[name].detach(), bias=_detached(getattr(self, name).bias))
+            for name in weights
+        }
         return _LoopMaps(**fns, scale=scale.detach() if isinstance(scale, torch.Tensor) else scale)
 
-    def step(self, maps: _LoopMaps, z: torch.Tensor, x: torch.Tensor, v: torch.Tensor,
-             bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def step(
+        self, maps: _LoopMaps, z: torch.Tensor, x: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """One damped iteration (1 - α) z + α F(z); v is [B, H, L, d_h]."""
         q, k = split_heads(maps.q(z), self.n_heads), split_heads(maps.k(z), self.n_heads)
         update = maps.o(merge_heads(attend(q, k, v, bias, maps.scale)))
@@ -121,7 +127,7 @@ class FixedPointAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg
         real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         bias = key_padding_bias(mask, x.dtype)
@@ -136,22 +142,37 @@ class FixedPointAttention(nn.Module):
             frozen = self._frozen_maps(weights, scale)
             x_const, v_const = x.detach(), v.detach()
             with torch.no_grad():
-                z, self.last_solve = solve(lambda z: self.step(frozen, z, x_const, v_const, bias), x_const, real,
-                                           cfg.tol, cfg.max_iter)
+                z, self.last_solve = solve(
+                    lambda z: self.step(frozen, z, x_const, v_const, bias), x_const, real, cfg.tol, cfg.max_iter
+                )
             if differentiable:
                 z = self._gradient_path(z, x, v, bias, self._live_maps(weights, scale), frozen)
         return z - x if cfg.reinject else z
 
-    def _gradient_path(self, z_star: torch.Tensor, x: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                       live: _LoopMaps, frozen: _LoopMaps) -> torch.Tensor:
+    def _gradient_path(
+        self,
+        z_star: torch.Tensor,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        live: _LoopMaps,
+        frozen: _LoopMaps,
+    ) -> torch.Tensor:
         """Z* in value, with the gradient of the implicit or phantom backward."""
         cfg = self.cfg
         if cfg.backward == "implicit":
             y = self.step(live, z_star, x, v, bias)
             if y.requires_grad:
                 x_const, v_const = x.detach(), v.detach()
-                attach_adjoint(y, lambda z: self.step(frozen, z, x_const, v_const, bias), z_star,
-                               cfg.adj_max_iter, cfg.adj_tol, self.last_adjoint, damping=cfg.damping)
+                attach_adjoint(
+                    y,
+                    lambda z: self.step(frozen, z, x_const, v_const, bias),
+                    z_star,
+                    cfg.adj_max_iter,
+                    cfg.adj_tol,
+                    self.last_adjoint,
+                    damping=cfg.damping,
+                )
         else:
             y = z_star
             for _ in range(cfg.phantom_steps):

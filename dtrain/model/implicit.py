@@ -19,14 +19,14 @@ parameters detached from the model. Re-entering fz's own graph would recurse int
 through the model's projection modules would show a gradient-capturing strategy (dAD) extra passes that are
 not parameter gradients.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-
 
 #: an adjoint λ = Σ_k (Jᵀ)^k g of a contraction with spectral radius ρ has |λ| <= |g| / (1 - ρ): beyond this bound
 #: (ρ > 0.99) the iteration is treated as diverging
@@ -45,8 +45,15 @@ class AdjointRecord:
     damped: int = 0  # examples that fell back from the undamped to the damped iteration
 
 
-def attach_adjoint(fz: torch.Tensor, frozen_step: Callable[[torch.Tensor], torch.Tensor], z_star: torch.Tensor,
-                   max_iter: int, tol: float, record: AdjointRecord, damping: float = 1.0) -> None:
+def attach_adjoint(
+    fz: torch.Tensor,
+    frozen_step: Callable[[torch.Tensor], torch.Tensor],
+    z_star: torch.Tensor,
+    max_iter: int,
+    tol: float,
+    record: AdjointRecord,
+    damping: float = 1.0,
+) -> None:
     """Per example: iterate λ until its relative change is below `tol`, then freeze it. `damping` is the α of
     `frozen_step` (1.0: undamped, and then there is no fallback to make).
 
@@ -74,7 +81,7 @@ def attach_adjoint(fz: torch.Tensor, frozen_step: Callable[[torch.Tensor], torch
         fell_back = torch.zeros_like(active)
         change = torch.full(res.shape, math.inf, dtype=g.dtype, device=g.device)
         iteration = 0
-        for iteration in range(1, max_iter + 1):
+        for iteration in range(1, max_iter + 1):  # noqa: B007 - read after the loop: the iterations run
             (jt_lam,) = torch.autograd.grad(fz_frozen, z, lam, retain_graph=True)
             damped_next = jt_lam + g
             relax = torch.where(undamped, 1.0 / damping, 1.0).to(g.dtype).view(shape)

@@ -5,10 +5,11 @@ token stops (and is frozen at its current value) once its relative change ||z_ne
 `tol`; padding tokens are never active. The loop ends when no token is active or after `max_iter` iterations.
 Runs the same with grad enabled (the BPTT reference: torch.where passes gradients to the kept values) or not.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -31,8 +32,9 @@ class SolveStats:
         return self.converged[self.real].double().mean().item()
 
 
-def solve(step: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, real: torch.Tensor, tol: float,
-          max_iter: int) -> tuple[torch.Tensor, SolveStats]:
+def solve(
+    step: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, real: torch.Tensor, tol: float, max_iter: int
+) -> tuple[torch.Tensor, SolveStats]:
     """Returns the final state [B, L, D] and how the tokens got there."""
     z = z0
     active = real.clone()

@@ -5,6 +5,7 @@ Unlike torch.nn.utils.parametrizations.spectral_norm this does not rename parame
 normalised weight is then fixed for the whole fixed-point solve, so the map being iterated does not change
 between iterations.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,9 +8,8 @@
 Dropout (model.dropout) is applied to the embeddings and to each sublayer's output, never inside attention, so
 the FPSA map stays deterministic across iterations.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ class Block(nn.Module):
         self.ff = FeedForward(d_model, d_ff)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = h + self.drop(self.attn(self.ln_attn(h), mask))
         return h + self.drop(self.ff(self.ln_ff(h)))
 
@@ -68,7 +67,7 @@ class SelfTransformer(nn.Module):
         self.norm = nn.LayerNorm(m.d_model)
         self.head = nn.Linear(m.d_model, spec.num_classes)
 
-    def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.drop(self.embed(tokens) + self.pos(positions))
         for block in self.blocks:
@@ -88,7 +87,7 @@ class SelfTransformer(nn.Module):
         """The FPSA solver figures of the last forward (`fpsa_stats`); {} for vanilla attention."""
         return self.fpsa_stats()
 
-    def example_iterations(self) -> Optional[torch.Tensor]:
+    def example_iterations(self) -> torch.Tensor | None:
         """float [B]: FPSA iterations each example of the last forward needed, as the mean over layers; None
         for vanilla attention, whose computation does not adapt."""
         layers = self.fpsa_layers()
@@ -129,7 +128,7 @@ class SelfTransformer(nn.Module):
         stats[metrics.FPSA_CONVERGED_FRAC] = sum(s.converged_frac() for s in solves) / len(solves)
         return stats
 
-    def fpsa_example_iters(self, layer: Optional[int] = None) -> torch.Tensor:
+    def fpsa_example_iters(self, layer: int | None = None) -> torch.Tensor:
         """int64 [B]: iterations each example of the last forward needed (until all its real tokens stopped),
         in FPSA layer `layer`, or summed over layers when None."""
         solves = [attn.last_solve for attn in self.fpsa_layers()]

@@ -1,9 +1,9 @@
 """Building a report: run directories in, report.md + plots (+ an offline wandb run) out."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..config import ConfigError
 from .document import write_report
@@ -18,11 +18,12 @@ class Report:
     path: Path  # report.md
     tables: list[TaskTable]
     skipped: list[Skipped]
-    wandb_dir: Optional[Path]  # the offline wandb run, None when not logged
+    wandb_dir: Path | None  # the offline wandb run, None when not logged
 
 
-def make_report(run_dirs: list[str], out: Path, target_acc: Optional[float], rates: list[LinkRate],
-                log_wandb: bool) -> Report:
+def make_report(
+    run_dirs: list[str], out: Path, target_acc: float | None, rates: list[LinkRate], log_wandb: bool
+) -> Report:
     if target_acc is not None and not 0.0 < target_acc <= 1.0:
         raise ConfigError(f"--target-acc {target_acc}: expected a fraction in (0, 1]")
     runs, skipped = load_runs(find_run_dirs(run_dirs))

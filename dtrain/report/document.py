@@ -1,4 +1,5 @@
 """report.md: the tables, how their figures were computed, the plots, and the runs that were skipped."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,14 @@ COLUMNS_EXPLAINED = (
 )
 
 
-def write_report(out: Path, tables: list[TaskTable], plots: dict[str, list[Plot]], rates: list[LinkRate],
-                 n_runs: int, skipped: list[Skipped]) -> Path:
+def write_report(
+    out: Path,
+    tables: list[TaskTable],
+    plots: dict[str, list[Plot]],
+    rates: list[LinkRate],
+    n_runs: int,
+    skipped: list[Skipped],
+) -> Path:
     lines = [
         "# Bandwidth vs accuracy",
         "",

@@ -2,12 +2,12 @@
 
 Every configuration (table row) has one colour; its seeds are drawn as separate lines in that colour.
 """
+
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -32,8 +32,12 @@ class Plot:
 
 def make_plots(table: TaskTable, rates: list[LinkRate], out: Path) -> list[Plot]:
     """All plots the task has data for, written to `out`."""
-    plots = [_accuracy_vs_bytes(table, out), _loss_vs_step(table, out), _time_to_target(table, rates, out),
-             _fpsa_iterations(table, out)]
+    plots = [
+        _accuracy_vs_bytes(table, out),
+        _loss_vs_step(table, out),
+        _time_to_target(table, rates, out),
+        _fpsa_iterations(table, out),
+    ]
     return [plot for plot in plots if plot is not None]
 
 
@@ -62,15 +66,19 @@ def _accuracy_vs_bytes(table: TaskTable, out: Path) -> Plot:
     for i, row in enumerate(table.rows):
         for j, run in enumerate(row.runs):
             # the log axis cannot show the evaluation before the first exchange (0 bytes)
-            points = [(r[metrics.COMM_BYTES_CUM], r[metrics.VAL_ACC]) for r in run.eval_rows
-                      if r[metrics.COMM_BYTES_CUM] > 0]
+            points = [
+                (r[metrics.COMM_BYTES_CUM], r[metrics.VAL_ACC]) for r in run.eval_rows if r[metrics.COMM_BYTES_CUM] > 0
+            ]
             if points:
                 x, y = zip(*points)
                 ax.plot(x, y, marker="o", markersize=3, **_style(i), label=row.label if j == 0 else None)
     ax.axhline(table.target_acc, color="grey", linestyle=":", label=f"target {table.target_acc:.3f}")
     ax.set_xscale("log")
-    ax.set(xlabel="cumulative payload bytes sent per rank", ylabel="validation accuracy",
-           title=f"{table.task}: accuracy vs bytes communicated")
+    ax.set(
+        xlabel="cumulative payload bytes sent per rank",
+        ylabel="validation accuracy",
+        title=f"{table.task}: accuracy vs bytes communicated",
+    )
     _legend(ax)
     return _save(fig, out / f"{table.task}_accuracy_vs_bytes.png", "Accuracy vs cumulative bytes")
 
@@ -87,7 +95,7 @@ def _loss_vs_step(table: TaskTable, out: Path) -> Plot:
     return _save(fig, out / f"{table.task}_loss_vs_step.png", "Training loss vs step")
 
 
-def _time_to_target(table: TaskTable, rates: list[LinkRate], out: Path) -> Optional[Plot]:
+def _time_to_target(table: TaskTable, rates: list[LinkRate], out: Path) -> Plot | None:
     reached = [(i, row) for i, row in enumerate(table.rows) if row.steps_to_target is not None]
     if not reached:
         return None
@@ -97,19 +105,40 @@ def _time_to_target(table: TaskTable, rates: list[LinkRate], out: Path) -> Optio
     fig, ax = _figure()
     for i, row in reached:
         if row.link_rate is None:
-            ax.plot([r.bits_per_s for r in curve], [mean_time_to_target(row.runs, table.target_acc, r) for r in curve],
-                    **_style(i), label=row.label)
+            ax.plot(
+                [r.bits_per_s for r in curve],
+                [mean_time_to_target(row.runs, table.target_acc, r) for r in curve],
+                **_style(i),
+                label=row.label,
+            )
         else:  # measured on a shaped link: its own time, to hold against the curves at that rate
-            ax.plot([parse_link_rate(row.link_rate).bits_per_s], [row.measured_time_to_target_s], marker="*",
-                    markersize=12, linestyle="none", color=_style(i)["color"], label=f"{row.label} (measured)")
+            ax.plot(
+                [parse_link_rate(row.link_rate).bits_per_s],
+                [row.measured_time_to_target_s],
+                marker="*",
+                markersize=12,
+                linestyle="none",
+                color=_style(i)["color"],
+                label=f"{row.label} (measured)",
+            )
     for rate in rates:
         ax.axvline(rate.bits_per_s, color="grey", linestyle=":", linewidth=1)
-        ax.annotate(rate.label, (rate.bits_per_s, 0.02), xycoords=("data", "axes fraction"), fontsize="small",
-                    ha="right", va="bottom", rotation=90)
+        ax.annotate(
+            rate.label,
+            (rate.bits_per_s, 0.02),
+            xycoords=("data", "axes fraction"),
+            fontsize="small",
+            ha="right",
+            va="bottom",
+            rotation=90,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set(xlabel="link rate (bit/s)", ylabel=f"seconds to val acc {table.target_acc:.3f}",
-           title=f"{table.task}: time to target vs link rate (lines: time model, stars: measured)")
+    ax.set(
+        xlabel="link rate (bit/s)",
+        ylabel=f"seconds to val acc {table.target_acc:.3f}",
+        title=f"{table.task}: time to target vs link rate (lines: time model, stars: measured)",
+    )
     _legend(ax)
     return _save(fig, out / f"{table.task}_time_to_target.png", "Time to target vs link rate")
 
@@ -122,7 +151,7 @@ def _as_number(difficulty: str) -> float | str:
         return difficulty
 
 
-def _fpsa_iterations(table: TaskTable, out: Path) -> Optional[Plot]:
+def _fpsa_iterations(table: TaskTable, out: Path) -> Plot | None:
     fig, ax = _figure()
     drawn = False
     for i, row in enumerate(table.rows):
@@ -137,7 +166,10 @@ def _fpsa_iterations(table: TaskTable, out: Path) -> Optional[Plot]:
             drawn = True
     if not drawn:
         return None
-    ax.set(xlabel="task difficulty", ylabel="mean FPSA iterations (mean over seeds)",
-           title=f"{table.task}: fixed-point iterations vs difficulty")
+    ax.set(
+        xlabel="task difficulty",
+        ylabel="mean FPSA iterations (mean over seeds)",
+        title=f"{table.task}: fixed-point iterations vs difficulty",
+    )
     _legend(ax)
     return _save(fig, out / f"{table.task}_fpsa_iterations.png", "FPSA iterations vs task difficulty")

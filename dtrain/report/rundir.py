@@ -4,15 +4,17 @@ A run directory holds config.yaml, metrics.jsonl and, once the run has finished,
 leaves sweep.json (the grid point, including a shaped link rate if it had one) and train.log. A directory
 without a usable summary is an incomplete run: it is returned as skipped with the reason, never raised.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from .. import metrics
-from ..config import ConfigError, EXACT_STRATEGIES
+from ..config import EXACT_STRATEGIES, ConfigError
 from ..metrics import METRICS_FILE, SUMMARY_FILE, MetricsLineError, read_metrics
 
 # Any one of these files marks a directory as a run directory (a crashed run may hold only some of them).
@@ -22,9 +24,18 @@ _NOT_RUNS = {"wandb", "checkpoints"}
 
 _NON_FINITE = ("nan", "inf", "-inf")
 REQUIRED_SUMMARY_KEYS = (
-    metrics.TASK, metrics.STRATEGY, metrics.COMM_RANK, metrics.SEED, metrics.WORLD_SIZE, metrics.STEPS,
-    metrics.FINAL_VAL_ACC, metrics.COMM_BYTES_PER_STEP, metrics.COMM_WIRE_BYTES_PER_STEP,
-    metrics.COMM_ALLREDUCE_BYTES_PER_STEP, metrics.COMM_TIME_PER_STEP_S, metrics.TIME_STEP_S_MEAN,
+    metrics.TASK,
+    metrics.STRATEGY,
+    metrics.COMM_RANK,
+    metrics.SEED,
+    metrics.WORLD_SIZE,
+    metrics.STEPS,
+    metrics.FINAL_VAL_ACC,
+    metrics.COMM_BYTES_PER_STEP,
+    metrics.COMM_WIRE_BYTES_PER_STEP,
+    metrics.COMM_ALLREDUCE_BYTES_PER_STEP,
+    metrics.COMM_TIME_PER_STEP_S,
+    metrics.TIME_STEP_S_MEAN,
     metrics.TIME_COMPUTE_S_PER_STEP,
 )
 
@@ -35,7 +46,7 @@ class Run:
     summary: dict[str, Any]
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
-    link_rate: Optional[str]  # the shaped link the run was measured on (sweep.json), None for the local link
+    link_rate: str | None  # the shaped link the run was measured on (sweep.json), None for the local link
 
     @property
     def task(self) -> str:
@@ -46,7 +57,7 @@ class Run:
         return str(self.summary[metrics.STRATEGY])
 
     @property
-    def rank(self) -> Optional[int]:
+    def rank(self) -> int | None:
         """The compression rank, None for exact strategies (where comm.rank has no effect)."""
         return None if self.strategy in EXACT_STRATEGIES else int(self.summary[metrics.COMM_RANK])
 

@@ -5,12 +5,14 @@ inside a group. Byte and time figures are means over the group's seeds; accuracy
 deviation; steps to target and time to target are means over the seeds that reached the target, with the
 count of those seeds shown when it is not all of them.
 """
+
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from .. import metrics
 from ..config import STRATEGY_NAMES
@@ -25,22 +27,22 @@ DEFAULT_TARGET_FRACTION = 0.9
 @dataclass(frozen=True)
 class Row:
     strategy: str
-    rank: Optional[int]  # None for exact strategies
+    rank: int | None  # None for exact strategies
     world_size: int
-    link_rate: Optional[str]  # the shaped link the runs were measured on; None for the local link
+    link_rate: str | None  # the shaped link the runs were measured on; None for the local link
     runs: tuple[Run, ...]
     payload_bytes_per_step: float
     wire_bytes_per_step: float
     compression_ratio: float  # fp32 all-reduce payload / this strategy's payload
     acc_mean: float
-    acc_std: Optional[float]  # None with a single seed
-    steps_to_target: Optional[float]
+    acc_std: float | None  # None with a single seed
+    steps_to_target: float | None
     reached: int  # seeds that reached the target
     comm_s_per_step: float
     step_s: float
     compute_s_per_step: float
-    measured_time_to_target_s: Optional[float]  # steps to target x measured step time
-    time_to_target_s: dict[str, Optional[float]]  # link-rate label -> modelled seconds
+    measured_time_to_target_s: float | None  # steps to target x measured step time
+    time_to_target_s: dict[str, float | None]  # link-rate label -> modelled seconds
 
     @property
     def label(self) -> str:
@@ -56,14 +58,14 @@ class TaskTable:
     rows: list[Row]
 
 
-def build_tables(runs: list[Run], target_acc: Optional[float], rates: list[LinkRate]) -> list[TaskTable]:
+def build_tables(runs: list[Run], target_acc: float | None, rates: list[LinkRate]) -> list[TaskTable]:
     by_task: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_task[run.task].append(run)
     return [_task_table(task, by_task[task], target_acc, rates) for task in sorted(by_task)]
 
 
-def _task_table(task: str, runs: list[Run], target_acc: Optional[float], rates: list[LinkRate]) -> TaskTable:
+def _task_table(task: str, runs: list[Run], target_acc: float | None, rates: list[LinkRate]) -> TaskTable:
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
         groups[(run.strategy, run.rank, run.world_size, run.link_rate)].append(run)
@@ -91,7 +93,7 @@ def _mean(runs: list[Run], key: str) -> float:
     return statistics.fmean(float(run.summary[key]) for run in runs)
 
 
-def _mean_over_reached(runs: Iterable[Run], target_acc: float, seconds: Callable[[Run, int], float]) -> Optional[float]:
+def _mean_over_reached(runs: Iterable[Run], target_acc: float, seconds: Callable[[Run, int], float]) -> float | None:
     """Mean of seconds(run, steps to target) over the runs that reach the target; None if none does."""
     times = []
     for run in runs:
@@ -101,16 +103,21 @@ def _mean_over_reached(runs: Iterable[Run], target_acc: float, seconds: Callable
     return statistics.fmean(times) if times else None
 
 
-def mean_time_to_target(runs: Iterable[Run], target_acc: float, rate: LinkRate) -> Optional[float]:
+def mean_time_to_target(runs: Iterable[Run], target_acc: float, rate: LinkRate) -> float | None:
     """The time model at `rate`, averaged over the runs that reach the target."""
+
     def modelled(run: Run, steps: int) -> float:
-        return time_to_target(steps, float(run.summary[metrics.TIME_COMPUTE_S_PER_STEP]),
-                              float(run.summary[metrics.COMM_WIRE_BYTES_PER_STEP]), rate)
+        return time_to_target(
+            steps,
+            float(run.summary[metrics.TIME_COMPUTE_S_PER_STEP]),
+            float(run.summary[metrics.COMM_WIRE_BYTES_PER_STEP]),
+            rate,
+        )
 
     return _mean_over_reached(runs, target_acc, modelled)
 
 
-def _measured_time_to_target(runs: Iterable[Run], target_acc: float) -> Optional[float]:
+def _measured_time_to_target(runs: Iterable[Run], target_acc: float) -> float | None:
     """Steps to target x measured step time: the time on the link the runs actually had."""
     return _mean_over_reached(runs, target_acc, lambda run, steps: steps * float(run.summary[metrics.TIME_STEP_S_MEAN]))
 
@@ -169,10 +176,22 @@ def _fmt_reached(value: str, row: Row) -> str:
 
 def to_markdown(table: TaskTable, rates: list[LinkRate]) -> str:
     measured_links = any(row.link_rate for row in table.rows)
-    header = (["strategy", "rank", "world size"] + (["link"] if measured_links else []) + [
-        "seeds", "payload / step", "wire / step", "compression vs fp32 all-reduce", "final val acc",
-        f"steps to {table.target_acc:.4f}", "comm / step", "step time", "time to target, as run",
-    ] + [f"time to target @ {rate.label}" for rate in rates])
+    header = (
+        ["strategy", "rank", "world size"]
+        + (["link"] if measured_links else [])
+        + [
+            "seeds",
+            "payload / step",
+            "wire / step",
+            "compression vs fp32 all-reduce",
+            "final val acc",
+            f"steps to {table.target_acc:.4f}",
+            "comm / step",
+            "step time",
+            "time to target, as run",
+        ]
+        + [f"time to target @ {rate.label}" for rate in rates]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows:
         not_reached = "not reached"
@@ -196,16 +215,50 @@ def to_markdown(table: TaskTable, rates: list[LinkRate]) -> str:
 
 def records(tables: list[TaskTable], rates: list[LinkRate]) -> tuple[list[str], list[list[Any]]]:
     """The tables as plain numbers (one list per row), for wandb.Table; missing figures are None."""
-    columns = ["task", "strategy", "rank", "world_size", "link_rate", "seeds", "payload_bytes_per_step",
-               "wire_bytes_per_step", "compression_ratio", "final_acc_mean", "final_acc_std", "target_acc",
-               "steps_to_target", "seeds_reached", "comm_s_per_step", "step_s", "compute_s_per_step",
-               "time_to_target_s_as_run"]
+    columns = [
+        "task",
+        "strategy",
+        "rank",
+        "world_size",
+        "link_rate",
+        "seeds",
+        "payload_bytes_per_step",
+        "wire_bytes_per_step",
+        "compression_ratio",
+        "final_acc_mean",
+        "final_acc_std",
+        "target_acc",
+        "steps_to_target",
+        "seeds_reached",
+        "comm_s_per_step",
+        "step_s",
+        "compute_s_per_step",
+        "time_to_target_s_as_run",
+    ]
     columns += [f"time_to_target_s@{rate.label}" for rate in rates]
     data = [
-        [table.task, row.strategy, row.rank, row.world_size, row.link_rate or "local", len(row.runs),
-         row.payload_bytes_per_step, row.wire_bytes_per_step, row.compression_ratio, row.acc_mean, row.acc_std,
-         table.target_acc, row.steps_to_target, row.reached, row.comm_s_per_step, row.step_s,
-         row.compute_s_per_step, row.measured_time_to_target_s] + [row.time_to_target_s[rate.label] for rate in rates]
-        for table in tables for row in table.rows
+        [
+            table.task,
+            row.strategy,
+            row.rank,
+            row.world_size,
+            row.link_rate or "local",
+            len(row.runs),
+            row.payload_bytes_per_step,
+            row.wire_bytes_per_step,
+            row.compression_ratio,
+            row.acc_mean,
+            row.acc_std,
+            table.target_acc,
+            row.steps_to_target,
+            row.reached,
+            row.comm_s_per_step,
+            row.step_s,
+            row.compute_s_per_step,
+            row.measured_time_to_target_s,
+        ]
+        + [row.time_to_target_s[rate.label] for rate in rates]
+        for table in tables
+        for row in table.rows
     ]
     return columns, data

@@ -11,11 +11,13 @@ bytes at the same time over its own link of the given rate (so a ring collective
 bytes over the rate), and latency is ignored. It is therefore an estimate of the bandwidth-bound regime, not
 a measurement; `dtrain sweep` with `link_rates` measures real runs on shaped links instead.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from ..config import ConfigError
 from ..metrics import STEP, VAL_ACC
@@ -47,8 +49,9 @@ def parse_link_rate(text: str) -> LinkRate:
     """'100mbit' -> LinkRate('100mbit', 1e8)."""
     match = _RATE.match(text.lower())
     if not match or match.group(2) not in _BIT_UNITS:
-        raise ConfigError(f"link rate {text!r}: expected a number and a unit, one of {', '.join(_BIT_UNITS)} "
-                          "(e.g. 100mbit)")
+        raise ConfigError(
+            f"link rate {text!r}: expected a number and a unit, one of {', '.join(_BIT_UNITS)} (e.g. 100mbit)"
+        )
     bits = float(match.group(1)) * _BIT_UNITS[match.group(2)]
     if bits <= 0:
         raise ConfigError(f"link rate {text!r}: must be positive")
@@ -62,7 +65,7 @@ def parse_link_rates(items: Iterable[str]) -> list[LinkRate]:
     return rates
 
 
-def steps_to_target(eval_rows: Iterable[dict[str, Any]], target_acc: float) -> Optional[int]:
+def steps_to_target(eval_rows: Iterable[dict[str, Any]], target_acc: float) -> int | None:
     """The first evaluated step whose validation accuracy reaches the target; None if none does."""
     for row in sorted(eval_rows, key=lambda r: r[STEP]):
         if row[VAL_ACC] >= target_acc:

@@ -5,6 +5,7 @@
 - for the dense rest of the model (biases, norms, embeddings, uncaptured layers): `buckets.BucketedMean`
   (exact fp32 all-reduce, also the allreduce baseline) and `rest.HalfPrecisionGather` (16-bit, error feedback).
 """
+
 from .base import LayerCodec, LayerStep, Pending
 
 __all__ = ["LayerCodec", "LayerStep", "Pending"]

@@ -15,11 +15,13 @@ Invariants every codec keeps:
 A lossy codec keeps its error feedback in `memory.ErrorFeedback` and must leave it untouched by a step whose
 decoded gradient is not finite.
 """
+
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -43,7 +45,7 @@ class Pending:
     """One layer's collective in flight: what `finish` needs to turn it into the weight gradient."""
 
     layer: LayerStep
-    gather: Optional[AsyncGather]  # None: nothing to send (no rows anywhere, or k = 0)
+    gather: AsyncGather | None  # None: nothing to send (no rows anywhere, or k = 0)
     data: dict[str, Any] = field(default_factory=dict)
     in_backward: bool = False  # launched while backward was still running (the overlap scheduler sets it)
 
@@ -63,7 +65,7 @@ class LayerCodec(abc.ABC):
         """Encode this rank's data and start the collective."""
 
     @abc.abstractmethod
-    def finish(self, pending: Pending, comm: Comm) -> Optional[torch.Tensor]:
+    def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
         """Wait for the collective and return the layer's mean weight gradient (None: no rows on any rank)."""
 
     @abc.abstractmethod

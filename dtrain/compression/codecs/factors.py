@@ -20,17 +20,28 @@ Introspection (`CommStats.extra`, every `spectrum_every` steps from step 0): `ra
 (j = 1..k) and `rankdad/<layer>/eff_rank` of the delivered gradient, identical on every rank. Periodic because in
 oneway mode the σ cost an SVD per layer that the step itself does not need.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from ... import metrics
 from ..capture import LinearCapture
 from ..comm import Comm
 from ..dtypes import element_size, wire_dtype
-from ..lowrank import (Dense, OuterProduct, clip_rank, effective_rank, factored_svd, random_start,
-                       subspace_iteration, truncate)
+from ..lowrank import (
+    Dense,
+    OuterProduct,
+    clip_rank,
+    effective_rank,
+    factored_svd,
+    random_start,
+    subspace_iteration,
+    truncate,
+)
 from ..memory import ErrorFeedback, TensorMemory
 from .base import LayerCodec, LayerStep, Pending
 
@@ -71,21 +82,22 @@ class FactorsCodec(LayerCodec):
         op = OuterProduct(layer.delta, layer.a)
         # Δᵀ A + E in one fused product, a fresh tensor: the stored residual stays untouched until `finish`
         # replaces it (a non-finite step keeps the old one)
-        target = (self.residuals.compensate_product(c.name, layer.delta.T, layer.a)
-                  if self.options.error_feedback else None)
+        target = (
+            self.residuals.compensate_product(c.name, layer.delta.T, layer.a) if self.options.error_feedback else None
+        )
         start = self._start(c.name, c.in_features, k, c.weight)
         p, q = subspace_iteration(op if target is None else Dense(target), start, self.options.power_iters)
         gather = comm.all_gather_async(torch.cat([p, q]).to(self.factor_dtype), c.name)
         return Pending(layer, gather, {"k": k, "q": q, "target": target})
 
-    def finish(self, pending: Pending, comm: Comm) -> Optional[torch.Tensor]:
+    def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
         if pending.gather is None:
             return None
         c = pending.layer.capture
         k, q, target = pending.data["k"], pending.data["q"], pending.data["target"]
         parts = pending.gather.wait()
-        ps = [t[:c.out_features].to(c.weight.dtype) for t in parts]
-        qs = [t[c.out_features:].to(c.weight.dtype) for t in parts]
+        ps = [t[: c.out_features].to(c.weight.dtype) for t in parts]
+        qs = [t[c.out_features :].to(c.weight.dtype) for t in parts]
         p_sum = torch.cat(ps, dim=1).div_(comm.world_size)  # out × S·k: Σ_i P_i Q_iᵀ / S = p_sum q_allᵀ
         q_all = torch.cat(qs, dim=1)
         if not bool(torch.isfinite(p_sum).all() and torch.isfinite(q_all).all()):
@@ -118,8 +130,8 @@ class FactorsCodec(LayerCodec):
         """σ_1..σ_k, and the effective rank over all of σ (up to S·k values in oneway)."""
         extra = comm.stats.extra
         for j, s in enumerate(sigma[:k].tolist(), start=1):
-            extra[f"rankdad/{name}/sigma{j}"] = s
-        extra[f"rankdad/{name}/eff_rank"] = effective_rank(sigma)
+            extra[metrics.RANKDAD_SIGMA.format(layer=name, j=j)] = s
+        extra[metrics.RANKDAD_EFF_RANK.format(layer=name)] = effective_rank(sigma)
 
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int) -> float:
         k = self.rank_for(in_features, out_features, rows)
@@ -147,15 +159,24 @@ class FactorsCodec(LayerCodec):
     def describe(self, captures: Sequence[LinearCapture]) -> dict[str, Any]:
         o = self.options
         info: dict[str, Any] = {
-            "rank": o.rank, "rank_rule": "min(comm.rank, in, out, max rows over ranks)", "power_iters": o.power_iters,
-            "mode": o.rankdad_mode, "error_feedback": o.error_feedback, "warm_start": o.warm_start,
-            "factor_dtype": o.factor_dtype}
-        clipped = [f"{c.name} ({c.out_features}x{c.in_features})" for c in captures
-                   if o.rank >= min(c.in_features, c.out_features)]
+            "rank": o.rank,
+            "rank_rule": "min(comm.rank, in, out, max rows over ranks)",
+            "power_iters": o.power_iters,
+            "mode": o.rankdad_mode,
+            "error_feedback": o.error_feedback,
+            "warm_start": o.warm_start,
+            "factor_dtype": o.factor_dtype,
+        }
+        clipped = [
+            f"{c.name} ({c.out_features}x{c.in_features})"
+            for c in captures
+            if o.rank >= min(c.in_features, c.out_features)
+        ]
         if clipped:
             info["warnings"] = [
                 f"comm.rank={o.rank} is not below min(in, out) of {len(clipped)} layer(s): "
                 f"{', '.join(clipped[:6])}{' ...' if len(clipped) > 6 else ''}; they use k=min(in, out), which is "
                 "exact at enough power iterations but sends at least as many bytes as all-reduce for that layer "
-                "(comm.strategy=auto picks per layer)"]
+                "(comm.strategy=auto picks per layer)"
+            ]
         return info

@@ -7,6 +7,7 @@ its own cast dropped (`memory.ErrorFeedback`: compensated = sent + residual) and
 vector. Payload: 2 bytes per element instead of the fp32 all-reduce's 4; wire (S−1)× payload, i.e. the same as
 the fp32 ring all-reduce at S = 2.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,8 +24,9 @@ RESIDUAL = "rest_residual"
 
 
 class HalfPrecisionGather:
-    def __init__(self, params: list[tuple[str, nn.Parameter]], dtype: torch.dtype, error_feedback: bool,
-                 prefix: str) -> None:
+    def __init__(
+        self, params: list[tuple[str, nn.Parameter]], dtype: torch.dtype, error_feedback: bool, prefix: str
+    ) -> None:
         self.params = params
         self.dtype = dtype
         self.error_feedback = error_feedback
@@ -42,8 +44,10 @@ class HalfPrecisionGather:
         flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
         residual = self.memory.get(RESIDUAL)
         if residual is not None and residual.shape != flat.shape:
-            raise ValueError(f"{self.prefix}: error-feedback residual of {residual.numel()} elements for "
-                             f"{flat.numel()} gradient elements (state from another model?)")
+            raise ValueError(
+                f"{self.prefix}: error-feedback residual of {residual.numel()} elements for "
+                f"{flat.numel()} gradient elements (state from another model?)"
+            )
         compensated = self.memory.compensate(RESIDUAL, flat)
         sent = compensated.to(self.dtype)
         if self.error_feedback and bool(torch.isfinite(compensated).all()):

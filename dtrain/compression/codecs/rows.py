@@ -9,9 +9,8 @@ counted). Every rank all-gathers them and forms
 the all-reduce mean when each rank's loss is the mean over an equal share of the global batch.
 Payload per layer: max_i N_i · (in + out) · 4 bytes (fp32).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -31,13 +30,13 @@ class RowsCodec(LayerCodec):
             packed = torch.cat([packed, packed.new_zeros((n_max - packed.shape[0], packed.shape[1]))])
         return Pending(layer, comm.all_gather_async(packed, layer.capture.name))
 
-    def finish(self, pending: Pending, comm: Comm) -> Optional[torch.Tensor]:
+    def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
         if pending.gather is None:
             return None
         c, layer = pending.layer.capture, pending.layer
         parts = pending.gather.wait()
         rows = torch.cat([p[:n] for p, n in zip(parts, layer.rows)])
-        a, delta = rows[:, :c.in_features], rows[:, c.in_features:]
+        a, delta = rows[:, : c.in_features], rows[:, c.in_features :]
         return (delta.T @ a).div_(comm.world_size)
 
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int) -> float:
