@@ -108,8 +108,35 @@ class PowerSGDHook:
                 self._dense_until_rebuild = False
             return dense_parts(bucket), fut
         compressing = self.state.iter >= self.state.start_powerSGD_iter
-        parts = self._compressed_parts(bucket, dense_parts) if compressing else dense_parts(bucket)
-        return parts, powerSGD_hook(self.state, bucket)
+        if not compressing:
+            return dense_parts(bucket), powerSGD_hook(self.state, bucket)
+        memory = self._snapshot(bucket.index())
+        fut = powerSGD_hook(self.state, bucket)
+        return self._compressed_parts(bucket, dense_parts), fut.then(lambda done: self._keep_finite(done, memory))
+
+    _MEMORIES = ("error_dict", "p_memory_dict", "q_memory_dict")
+
+    def _snapshot(self, index: int) -> dict[str, torch.Tensor | None]:
+        """Copies of this bucket's residual and warm-start P, Q before the hook updates them (partly in place)."""
+        return {
+            m: (t.clone() if (t := getattr(self.state, m).get(index)) is not None else None) for m in self._MEMORIES
+        } | {"index": index}  # type: ignore[dict-item]
+
+    def _keep_finite(self, done: torch.futures.Future[torch.Tensor], memory: dict[str, Any]) -> torch.Tensor:
+        """A bucket whose delivered mean is not finite (a NaN step; the trainer's nan_policy skips it) puts the
+        hook's memory back as it was: otherwise the residual and the warm start carry the NaN into every later
+        step. The delivered bucket is identical on every rank (P, Q and the rest are all-reduced), so every rank
+        decides alike."""
+        result = done.value()
+        if not bool(torch.isfinite(result).all()):
+            index = memory["index"]
+            for name in self._MEMORIES:
+                store = getattr(self.state, name)
+                if memory[name] is None:
+                    store.pop(index, None)
+                else:
+                    store[index] = memory[name]
+        return result
 
     def _compressed_parts(self, bucket: dist.GradBucket, dense_parts: PartsOf) -> dict[str, int]:
         """Elements the hook all-reduces per tensor once compressing: (n + m) r for a compressed matrix (its

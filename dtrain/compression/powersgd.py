@@ -158,11 +158,15 @@ class PowerSGD(Strategy):
         approximations, qs = power_iteration_mean(
             matrices, qs, plans, self.comm.all_reduce_, self.comm.world_size, self.factor_dtype
         )
+        # P and Q are all-reduced, so the approximations are the same on every rank and so is this decision: a
+        # non-finite step (the trainer's nan_policy skips it) leaves residuals and warm starts as they were,
+        # instead of poisoning every later step through them. One fused check, one host sync.
+        remember = bool(torch.isfinite(torch.stack([a.sum() for a in approximations])).all())
         for plan, g, c, a, q in zip(plans, grads, compensated, approximations, qs):
             delivered = a.view_as(g)
-            if ef:
+            if remember and ef:
                 self.residuals.update(plan.name, c, delivered)
-            if warm:
+            if remember and warm:
                 self.factors.put(plan.name, q)
             g.copy_(delivered)
 
