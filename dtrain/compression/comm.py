@@ -7,6 +7,10 @@ bytes it handed to collectives:
 - payload received = what the collective delivered from other ranks;
 - wire bytes = what the collective's algorithm puts on this rank's link, estimated:
   ring all-reduce sends 2(S-1)/S x payload, all_gather (ring) sends (S-1) x own payload.
+
+Time (`CommStats.time_s`) is the host time the step is blocked in collectives. On CUDA a collective's `wait()`
+only orders streams and returns at once, so where a CUDA tensor is measured the clock is read after a
+`torch.cuda.synchronize()`: the time is then the collective's, not the launch's. Nothing else synchronizes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ import torch
 import torch.distributed as dist
 
 from .base import CommStats
+
+
+def _settle(tensor: torch.Tensor) -> None:
+    """Before the clock is read: let the device finish the queued work on `tensor` (CUDA only)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
 
 
 class Comm:
@@ -60,9 +70,11 @@ class Comm:
         """In-place sum (default) over ranks. `parts`: see `account`."""
         nbytes = tensor.numel() * tensor.element_size()
         S = self.world_size
+        _settle(tensor)  # queued compute that produced `tensor` is not communication
         t0 = time.perf_counter()
         if S > 1:
             dist.all_reduce(tensor, op=op, group=self.group)
+            _settle(tensor)
         self.account(name, nbytes, nbytes, 2.0 * (S - 1) / S * nbytes, time.perf_counter() - t0, parts)
         return tensor
 
@@ -114,6 +126,7 @@ class AsyncGather:
                 self.poll()
                 t0 = time.perf_counter()
                 self.work.wait()
+                _settle(self.parts[0])
                 self.blocked += time.perf_counter() - t0
                 if self.done is None:
                     self.done = time.perf_counter()

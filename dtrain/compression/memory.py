@@ -24,8 +24,8 @@ class TensorMemory:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         self._tensors[name] = tensor
 
-    def names(self) -> set[str]:
-        return set(self._tensors)
+    def drop(self, name: str) -> None:
+        self._tensors.pop(name, None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: t.clone() for name, t in self._tensors.items()}

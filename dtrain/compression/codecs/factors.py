@@ -14,7 +14,8 @@ Error feedback (`error_feedback`, `memory.ErrorFeedback`): delivered = P̂_i Q̂
 in twoway each rank also counts the recompression error Σ_j P̂_j Q̂_jᵀ/S − G against itself, so the mean of the
 residuals is exactly what the delivered gradients have missed. The price: one dense out×in fp32 residual per
 layer per rank and forming M_i densely (N·in·out flops), i.e. the compute dAD saves. A step whose decoded
-gradient is not finite leaves residuals and warm-start factors untouched.
+gradients are not all finite leaves residuals and warm-start factors untouched (checked once per step, in
+`end_step`).
 
 Introspection (`CommStats.extra`, every `spectrum_every` steps from step 0): `rankdad/<layer>/sigma<j>`
 (j = 1..k) and `rankdad/<layer>/eff_rank` of the delivered gradient, identical on every rank. Periodic because in
@@ -56,6 +57,9 @@ class FactorsCodec(LayerCodec):
         self.starts = TensorMemory()
         self.step = 0
         self._index: dict[str, int] = {}
+        # this step's memory before each layer's update, and each decoded gradient's sum (see `end_step`)
+        self._undo: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []
+        self._decoded: list[torch.Tensor] = []
 
     def bind(self, layer_names: list[str]) -> None:
         self._index = {name: i for i, name in enumerate(layer_names)}
@@ -100,13 +104,15 @@ class FactorsCodec(LayerCodec):
         qs = [t[c.out_features :].to(c.weight.dtype) for t in parts]
         p_sum = torch.cat(ps, dim=1).div_(comm.world_size)  # out × S·k: Σ_i P_i Q_iᵀ / S = p_sum q_allᵀ
         q_all = torch.cat(qs, dim=1)
-        if not bool(torch.isfinite(p_sum).all() and torch.isfinite(q_all).all()):
-            # a non-finite step (the trainer's nan_policy skips it) must not poison the memory for good, nor
-            # reach an SVD that raises; the gathered factors are the same on every rank, so all decide alike
-            return p_sum @ q_all.T
         every = self.options.spectrum_every
         log_spectrum = every > 0 and self.step % every == 0
-        if self.options.rankdad_mode == "oneway":
+        twoway = self.options.rankdad_mode == "twoway"
+        if (twoway or log_spectrum) and not bool(torch.isfinite(p_sum).all() and torch.isfinite(q_all).all()):
+            # an SVD of non-finite factors raises: decide now (the gathered factors are the same on every rank,
+            # so all ranks decide alike); `end_step` leaves the memory as it was
+            self._decoded.append(p_sum.sum())
+            return p_sum @ q_all.T
+        if not twoway:
             grad = p_sum @ q_all.T
             if log_spectrum:
                 self._log_spectrum(comm, c.name, factored_svd(p_sum, q_all)[1], k)
@@ -116,12 +122,14 @@ class FactorsCodec(LayerCodec):
             if log_spectrum:
                 self._log_spectrum(comm, c.name, sigma, k)
 
+        self._undo.append((c.name, self.starts.get(c.name), self.residuals.get(c.name)))
+        self._decoded.append(grad.sum())
         if self.options.warm_start:
             self.starts.put(c.name, q)
         if target is not None:
             me = comm.rank
             residual = self.residuals.update_factored_(c.name, target, ps[me], qs[me])
-            if self.options.rankdad_mode == "twoway":
+            if twoway:
                 residual.addmm_(p_sum, q_all.T).sub_(grad)
         return grad
 
@@ -138,6 +146,17 @@ class FactorsCodec(LayerCodec):
         return float((world_size - 1) * k * (in_features + out_features) * element_size(self.options.factor_dtype))
 
     def end_step(self) -> None:
+        """A step whose decoded gradients are not all finite (the trainer's nan_policy skips it) leaves warm starts
+        and residuals as they were, instead of poisoning every later step. One fused check, one host sync per
+        step (not one per layer); the decoded gradients are the same on every rank, so all ranks decide alike."""
+        if self._decoded and not bool(torch.isfinite(torch.stack(self._decoded)).all()):
+            for name, start, residual in reversed(self._undo):
+                for memory, before in ((self.starts, start), (self.residuals, residual)):
+                    if before is None:
+                        memory.drop(name)
+                    else:
+                        memory.put(name, before)
+        self._undo, self._decoded = [], []
         self.step += 1
 
     # ------------------------------------------------------------------ checkpoints, plan.json
