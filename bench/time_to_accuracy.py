@@ -76,10 +76,10 @@ def slug(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label).strip("_")
 
 
-def time_to_target(metrics: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
+def time_to_target(rows: list[dict[str, Any]], target: float) -> tuple[int | None, float | None]:
     """(step, summed step seconds up to it) of the first eval row with val/acc >= target; (None, None) if never."""
     elapsed, seconds_at = 0.0, {}
-    for row in metrics:
+    for row in rows:
         if metrics.TIME_STEP_S in row:
             elapsed += row[metrics.TIME_STEP_S]
             seconds_at[row["step"]] = elapsed

@@ -24,6 +24,7 @@ elsewhere, weight tying), autograd accumulates that part into weight.grad as usu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -102,14 +103,17 @@ class LinearCapture:
     def take(self, reset_dense: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, Δ) of every recorded call stacked along rows ((rows, in), (rows, out)); starts a new step.
 
-        `reset_dense=False` keeps `dense_grad_arrived` (a strategy taking the pairs during backward reads the
-        flag after backward and resets it with `reset_dense()`)."""
+        Both in one dtype: the widest recorded (the weight's in fp32 training, the autocast dtype under autocast,
+        so 16-bit rows stay 16-bit). `reset_dense=False` keeps `dense_grad_arrived` (a strategy taking the pairs
+        during backward reads the flag after backward and resets it with `reset_dense()`)."""
         w = self.weight
+        recorded = self._inputs + self._deltas
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in recorded]) if recorded else w.dtype
         if len(self._inputs) == 1:  # the usual case: no copy
-            a, delta = self._inputs[0].to(w.dtype), self._deltas[0].to(w.dtype)
+            a, delta = self._inputs[0].to(dtype), self._deltas[0].to(dtype)
         elif self._inputs:
-            a = torch.cat(self._inputs).to(w.dtype)
-            delta = torch.cat(self._deltas).to(w.dtype)
+            a = torch.cat(self._inputs).to(dtype)
+            delta = torch.cat(self._deltas).to(dtype)
         else:
             a = w.new_zeros((0, self.in_features))
             delta = w.new_zeros((0, self.out_features))
@@ -135,17 +139,28 @@ class LinearCapture:
 
 
 class CapturedLinearFn(torch.autograd.Function):
-    """F.linear whose backward records (A, Δ) and returns no weight gradient."""
+    """F.linear whose backward records (A, Δ) and returns no weight gradient.
+
+    Under autocast it computes what autocast's F.linear computes: input, weight and bias cast to the autocast
+    dtype, the product in that dtype. It then records A and Δ in that dtype too (16-bit rows on the wire)."""
 
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, capture: LinearCapture
     ) -> torch.Tensor:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, bias = x.to(dtype), None if bias is None else bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                out = F.linear(x, weight.to(dtype), bias)
+        else:
+            out = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.capture = capture
         # the weight's gradient accumulator: backward asks the engine whether it will run in this pass
         ctx.weight_node = get_gradient_edge(weight).node
-        return F.linear(x, weight, bias)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -212,7 +227,7 @@ class GradientSource:
 
     def release(self, capture: LinearCapture, a: torch.Tensor, delta: torch.Tensor) -> None:
         """Hand a layer back to autograd; it joins the rest. This step's gradient is formed from its pair."""
-        local = delta.T @ a
+        local = (delta.T @ a).to(capture.weight.dtype)
         capture.weight.grad = local if capture.weight.grad is None else capture.weight.grad + local
         capture.remove()
         self.rest.append((f"{capture.name}.weight", capture.weight))

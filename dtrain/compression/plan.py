@@ -5,7 +5,7 @@
   byte cost model, the codecs' own `wire_bytes` (the `CommStats.wire_bytes` convention):
 
       allreduce  2(S−1)/S · in·out · 4
-      dad        (S−1) · N · (in+out) · 4              N = rows per rank (max over ranks: padding is sent)
+      dad        (S−1) · N · (in+out) · 4 (2 under 16-bit autocast)   N = rows per rank (max over ranks)
       rankdad    (S−1) · k · (in+out) · bytes(factor)  k = min(comm.rank, in, out, N)
 
   The exact choice is the cheaper of allreduce and dad (ties go to allreduce, which needs no capture); rankdad
@@ -37,11 +37,12 @@ def allreduce_wire_bytes(in_features: int, out_features: int, world_size: int) -
 
 
 def layer_costs(
-    codecs: Sequence[LayerCodec], in_features: int, out_features: int, rows: int, world_size: int
+    codecs: Sequence[LayerCodec], in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4
 ) -> dict[str, float]:
-    """Estimated wire bytes per rank per step of all-reduce and of each codec for one layer's weight gradient."""
+    """Estimated wire bytes per rank per step of all-reduce and of each codec for one layer's weight gradient
+    (row_bytes: element size of the captured rows)."""
     costs = {ALLREDUCE: allreduce_wire_bytes(in_features, out_features, world_size)}
-    costs.update({c.name: c.wire_bytes(in_features, out_features, rows, world_size) for c in codecs})
+    costs.update({c.name: c.wire_bytes(in_features, out_features, rows, world_size, row_bytes) for c in codecs})
     return costs
 
 
@@ -138,7 +139,9 @@ class CostModelPlan:
         for layer in layers:
             c = layer.capture
             rows = max(layer.rows)
-            costs = layer_costs(self.codecs(), c.in_features, c.out_features, rows, self.world_size)
+            costs = layer_costs(
+                self.codecs(), c.in_features, c.out_features, rows, self.world_size, layer.a.element_size()
+            )
             plan[c.name] = {
                 "method": choose_method(costs, self.options.min_compression_rate),
                 "in": c.in_features,

@@ -69,9 +69,10 @@ class LayerCodec(abc.ABC):
         """Wait for the collective and return the layer's mean weight gradient (None: no rows on any rank)."""
 
     @abc.abstractmethod
-    def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int) -> float:
-        """Estimated bytes one rank puts on its link per step for a layer (rows: the most over ranks): the cost
-        model of `auto`, in the `CommStats.wire_bytes` convention."""
+    def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
+        """Estimated bytes one rank puts on its link per step for a layer (rows: the most over ranks; row_bytes:
+        the element size of the captured rows, 2 under 16-bit autocast): the cost model of `auto`, in the
+        `CommStats.wire_bytes` convention."""
 
     def end_step(self) -> None:
         """Called once after every synchronised step."""

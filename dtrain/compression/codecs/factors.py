@@ -83,12 +83,12 @@ class FactorsCodec(LayerCodec):
         k = self.rank_for(c.in_features, c.out_features, max(layer.rows))
         if k == 0:
             return Pending(layer, None)
-        op = OuterProduct(layer.delta, layer.a)
+        # arithmetic in the weight's dtype (QR has no 16-bit kernels; autocast captures 16-bit rows)
+        a, delta = layer.a.to(c.weight.dtype), layer.delta.to(c.weight.dtype)
+        op = OuterProduct(delta, a)
         # Δᵀ A + E in one fused product, a fresh tensor: the stored residual stays untouched until `finish`
         # replaces it (a non-finite step keeps the old one)
-        target = (
-            self.residuals.compensate_product(c.name, layer.delta.T, layer.a) if self.options.error_feedback else None
-        )
+        target = self.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
         start = self._start(c.name, c.in_features, k, c.weight)
         p, q = subspace_iteration(op if target is None else Dense(target), start, self.options.power_iters)
         gather = comm.all_gather_async(torch.cat([p, q]).to(self.factor_dtype), c.name)
@@ -141,7 +141,7 @@ class FactorsCodec(LayerCodec):
             extra[metrics.RANKDAD_SIGMA.format(layer=name, j=j)] = s
         extra[metrics.RANKDAD_EFF_RANK.format(layer=name)] = effective_rank(sigma)
 
-    def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int) -> float:
+    def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
         k = self.rank_for(in_features, out_features, rows)
         return float((world_size - 1) * k * (in_features + out_features) * element_size(self.options.factor_dtype))
 

@@ -7,7 +7,8 @@ counted). Every rank all-gathers them and forms
     grad = [Δ_1; …; Δ_S]ᵀ [A_1; …; A_S] / S = Σ_i Δ_iᵀ A_i / S,
 
 the all-reduce mean when each rank's loss is the mean over an equal share of the global batch.
-Payload per layer: max_i N_i · (in + out) · 4 bytes (fp32).
+Payload per layer: max_i N_i · (in + out) · 4 bytes (fp32), or · 2 under bf16/fp16 autocast, where the captured
+rows are 16-bit (decoded in fp32).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class RowsCodec(LayerCodec):
             return None
         c, layer = pending.layer.capture, pending.layer
         parts = pending.gather.wait()
-        rows = torch.cat([p[:n] for p, n in zip(parts, layer.rows)])
+        # decoded in the weight's dtype (fp32), also when the rows travelled in 16 bits (autocast)
+        rows = torch.cat([p[:n] for p, n in zip(parts, layer.rows)]).to(c.weight.dtype)
         a, delta = rows[:, : c.in_features], rows[:, c.in_features :]
         return (delta.T @ a).div_(comm.world_size)
 
-    def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int) -> float:
-        return float((world_size - 1) * rows * (in_features + out_features) * 4)
+    def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
+        return float((world_size - 1) * rows * (in_features + out_features) * row_bytes)
