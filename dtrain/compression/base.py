@@ -68,6 +68,10 @@ class Strategy(abc.ABC):
         """Context for a backward whose gradient must not be synchronised (grad accumulation)."""
         yield
 
+    def rescale_memory(self, ratio: float) -> None:
+        """The gradients this strategy synchronises changed units by `ratio` (fp16 loss scaling: new / old
+        scale): error-feedback residuals follow, so they are never added to gradients of another scale."""
+
     def state_dict(self) -> dict[str, Any]:
         """Strategy memory to checkpoint (error-feedback residuals, warm-start factors)."""
         return {}

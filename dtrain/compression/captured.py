@@ -168,6 +168,12 @@ class CapturedStrategy(Strategy):
         if grad is not None:
             weight.grad = grad
 
+    def rescale_memory(self, ratio: float) -> None:
+        for codec in self.plan.codecs():
+            codec.rescale_memory(ratio)
+        if isinstance(self.rest_sync, HalfPrecisionGather):
+            self.rest_sync.memory.rescale_(ratio)
+
     # ------------------------------------------------------------------ checkpoints, plan.json
     def _rest_state(self) -> dict[str, Any]:
         return self.rest_sync.state_dict() if isinstance(self.rest_sync, HalfPrecisionGather) else {}

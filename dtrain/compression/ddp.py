@@ -59,6 +59,8 @@ class Hook(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    def rescale_memory(self, ratio: float) -> None: ...
+
 
 class AllReduceHook:
     """torch's default hook: the bucket, divided by the world size, all-reduced."""
@@ -77,6 +79,9 @@ class AllReduceHook:
 
     def describe(self) -> dict[str, Any]:
         return {}
+
+    def rescale_memory(self, ratio: float) -> None:
+        pass  # no memory
 
 
 class PowerSGDHook:
@@ -146,6 +151,10 @@ class PowerSGDHook:
             plan = matrix_plan(name, g.shape, self.state.matrix_approximation_rank, self.state.min_compression_rate)
             parts[name] = plan.factor_numel * g.element_size() if plan else nbytes
         return parts
+
+    def rescale_memory(self, ratio: float) -> None:
+        for residual in self.state.error_dict.values():
+            residual.mul_(ratio)
 
     def describe(self) -> dict[str, Any]:
         o = self.options
@@ -248,6 +257,9 @@ class DDPStrategy(Strategy):
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "bucket_mb": self.options.bucket_mb, **self.hook.describe()}
+
+    def rescale_memory(self, ratio: float) -> None:
+        self.hook.rescale_memory(ratio)
 
     def state_dict(self) -> dict[str, Any]:
         return self.hook.state_dict()

@@ -62,6 +62,11 @@ class ErrorFeedback(TensorMemory):
         residual = self.get(name)
         return left @ right if residual is None else torch.addmm(residual.to(left.dtype), left, right)
 
+    def rescale_(self, ratio: float) -> None:
+        """Every residual × ratio: the gradients it is added to changed units (fp16 loss scaling)."""
+        for residual in self._tensors.values():
+            residual.mul_(ratio)
+
     def update(self, name: str, compensated: torch.Tensor, delivered: torch.Tensor) -> None:
         """Remember what `compensated` lost on its way to `delivered`."""
         self.put(name, compensated - delivered)

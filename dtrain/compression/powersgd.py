@@ -170,6 +170,9 @@ class PowerSGD(Strategy):
                 self.factors.put(plan.name, q)
             g.copy_(delivered)
 
+    def rescale_memory(self, ratio: float) -> None:
+        self.residuals.rescale_(ratio)  # Q is orthonormalised before use: its scale does not matter
+
     # ------------------------------------------------------------------ closed forms, checkpoints
     def bytes_per_step(self, step: int) -> int:
         """Payload one rank sends at `step` (0-based), closed form."""

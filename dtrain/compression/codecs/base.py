@@ -77,6 +77,9 @@ class LayerCodec(abc.ABC):
     def end_step(self) -> None:
         """Called once after every synchronised step."""
 
+    def rescale_memory(self, ratio: float) -> None:
+        """Error-feedback residuals × ratio (see `Strategy.rescale_memory`)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

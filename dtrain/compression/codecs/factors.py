@@ -145,6 +145,9 @@ class FactorsCodec(LayerCodec):
         k = self.rank_for(in_features, out_features, rows)
         return float((world_size - 1) * k * (in_features + out_features) * element_size(self.options.factor_dtype))
 
+    def rescale_memory(self, ratio: float) -> None:
+        self.residuals.rescale_(ratio)  # warm starts are directions: subspace iteration ignores their scale
+
     def end_step(self) -> None:
         """A step whose decoded gradients are not all finite (the trainer's nan_policy skips it) leaves warm starts
         and residuals as they were, instead of poisoning every later step. One fused check, one host sync per
