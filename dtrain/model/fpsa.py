@@ -26,6 +26,11 @@ input rows A and output-gradient rows Δ of every differentiable call, then rebu
 With fpsa.spectral_norm, W_Q, W_K, W_O are divided by their largest singular value (spectral.py, once per
 forward) and applied with F.linear on the normalised weight: those three then get plain autograd gradients and
 their modules are never called; v is still called as a module.
+
+Host syncs: the solve and the adjoint read their exit condition only where a solver.ExitSchedule says (one
+per layer for the training forwards, one for the evaluation forwards, one in the adjoint record), about once
+per solve once the usual count is learnt, and the statistics stay on the device until `fpsa_stats()` reads
+them all at once. Results do not depend on the schedule (tests/unit/test_host_syncs.py).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from dtrain.config import FPSAConfig
 from . import spectral
 from .attention import attend, key_padding_bias, merge_heads, split_heads
 from .implicit import AdjointRecord, attach_adjoint
-from .solver import SolveStats, solve
+from .solver import ExitSchedule, SolveStats, solve
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 _LOOP_PROJECTIONS = ("q", "k", "o")  # the projections applied inside the loop (v is applied once, to X)
@@ -81,6 +86,10 @@ class FixedPointAttention(nn.Module):
                 self.register_buffer(f"{name}_sigma_u", spectral.init_vector(getattr(self, name).weight))
         self.last_solve: SolveStats | None = None
         self.last_adjoint = AdjointRecord()
+        # when the forward solve reads its exit condition: one schedule for training and one for evaluation
+        # forwards, which see different batches (plain attributes, not state: they only decide how many
+        # no-op iterations run, never the results)
+        self.solve_schedules = {True: ExitSchedule(), False: ExitSchedule()}
 
     # ------------------------------------------------------------------------------------------ the map f
 
@@ -134,16 +143,24 @@ class FixedPointAttention(nn.Module):
         v = split_heads(self.v(x), self.n_heads)
         weights, scale = self._loop_weights(), self._scale()
         differentiable = torch.is_grad_enabled()
+        schedule = self.solve_schedules[self.training]
 
         if differentiable and cfg.backward == "bptt":
             live = self._live_maps(weights, scale)
-            z, self.last_solve = solve(lambda z: self.step(live, z, x, v, bias), x, real, cfg.tol, cfg.max_iter)
+            z, self.last_solve = solve(
+                lambda z: self.step(live, z, x, v, bias), x, real, cfg.tol, cfg.max_iter, schedule
+            )
         else:
             frozen = self._frozen_maps(weights, scale)
             x_const, v_const = x.detach(), v.detach()
             with torch.no_grad():
                 z, self.last_solve = solve(
-                    lambda z: self.step(frozen, z, x_const, v_const, bias), x_const, real, cfg.tol, cfg.max_iter
+                    lambda z: self.step(frozen, z, x_const, v_const, bias),
+                    x_const,
+                    real,
+                    cfg.tol,
+                    cfg.max_iter,
+                    schedule,
                 )
             if differentiable:
                 z = self._gradient_path(z, x, v, bias, self._live_maps(weights, scale), frozen)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .solver import ExitSchedule
 
 #: an adjoint λ = Σ_k (Jᵀ)^k g of a contraction with spectral radius ρ has |λ| <= |g| / (1 - ρ): beyond this bound
 #: (ρ > 0.99) the iteration is treated as diverging
@@ -35,14 +37,47 @@ MAX_GAIN = 100.0
 
 @dataclass
 class AdjointRecord:
-    """The last adjoint solve: iterations run, the worst final relative change of λ over examples (nan before any
-    backward), how many examples were stopped because λ grew past MAX_GAIN times their g, and how many fell
-    back to the damped iteration."""
+    """The last adjoint solve: iterations it needed (the slowest example's; 0 before any backward), the worst
+    final relative change of λ over examples (nan before any backward), how many examples were stopped because
+    λ grew past MAX_GAIN times their g, and how many fell back to the damped iteration.
 
-    iters: int = 0
-    residual: float = math.nan
-    diverged: int = 0
-    damped: int = 0  # examples that fell back from the undamped to the damped iteration
+    The backward leaves these figures on the device (`values`, read on the host only when a field is asked
+    for, all four in one sync); `schedule` decides when the adjoint loop reads its exit condition (see
+    solver.ExitSchedule) and learns from one backward to the next.
+    """
+
+    values: torch.Tensor | None = None  # float64 [4] on the device: iters, residual, diverged, damped
+    schedule: ExitSchedule = field(default_factory=ExitSchedule)
+    _host: tuple[float, float, float, float] | None = field(default=None, repr=False)
+
+    def set(self, values: torch.Tensor) -> None:
+        self.values, self._host = values, None
+
+    def read(self) -> tuple[float, float, float, float]:
+        if self._host is None:
+            self._host = (0.0, math.nan, 0.0, 0.0) if self.values is None else tuple(self.values.tolist())
+        return self._host
+
+    @property
+    def ran(self) -> bool:
+        """Whether a backward has recorded a solve (known without a sync)."""
+        return self.values is not None
+
+    @property
+    def iters(self) -> int:
+        return int(self.read()[0])
+
+    @property
+    def residual(self) -> float:
+        return self.read()[1]
+
+    @property
+    def diverged(self) -> int:
+        return int(self.read()[2])
+
+    @property
+    def damped(self) -> int:
+        return int(self.read()[3])
 
 
 def attach_adjoint(
@@ -62,6 +97,10 @@ def attach_adjoint(
     gives the same gradient as one process. Where the map is not contractive at z* (a forward solve that did
     not converge), the iteration can diverge: an example whose next λ would exceed MAX_GAIN x |g| (or is not
     finite) keeps its last iterate, a truncated Neumann series that stays bounded, and is counted.
+
+    The host reads whether any example is still active only where `record.schedule` says; an iteration after
+    every example stopped changes none of λ, the counters or the residuals (each update is masked by `active`),
+    so λ and the record are those of a loop that checks after every iteration.
     """
 
     def solve_adjoint(g: torch.Tensor) -> torch.Tensor:
@@ -80,9 +119,12 @@ def attach_adjoint(
         undamped = torch.full_like(active, damping < 1.0)
         fell_back = torch.zeros_like(active)
         change = torch.full(res.shape, math.inf, dtype=g.dtype, device=g.device)
-        iteration = 0
-        for iteration in range(1, max_iter + 1):  # noqa: B007 - read after the loop: the iterations run
+        example_iters = torch.zeros(g.shape[0], dtype=torch.int64, device=g.device)
+        schedule = record.schedule
+        schedule.start(max_iter)
+        for iteration in range(1, max_iter + 1 if g.shape[0] else min(max_iter, 1) + 1):
             (jt_lam,) = torch.autograd.grad(fz_frozen, z, lam, retain_graph=True)
+            example_iters += active
             damped_next = jt_lam + g
             relax = torch.where(undamped, 1.0 / damping, 1.0).to(g.dtype).view(shape)
             lam_next = lam + relax * (damped_next - lam)
@@ -100,12 +142,20 @@ def attach_adjoint(
             lam = torch.where(step.view(shape), lam_next, lam)
             diverged |= blown
             active &= ~blown & ~(step & (res < tol))
-            if not bool(active.any()):
-                break
-        record.iters = iteration
-        record.residual = float(res.max()) if res.numel() else 0.0
-        record.diverged = int(diverged.sum())
-        record.damped = int(fell_back.sum())
+            if schedule.due(iteration):
+                # one read: iteration + 1 while an example is left, else the iterations the slowest needed
+                needed = int((example_iters + active).amax())
+                if needed <= iteration:
+                    schedule.done(needed)
+                    break
+                schedule.not_done(iteration)
+        if g.shape[0]:
+            iters = example_iters.amax().double()
+            worst = res.max().double()
+        else:  # the loop above ran once (or not at all) and stopped: nothing was active
+            iters = torch.full((), float(min(max_iter, 1)), dtype=torch.float64, device=g.device)
+            worst = torch.zeros((), dtype=torch.float64, device=g.device)
+        record.set(torch.stack([iters, worst, diverged.sum().double(), fell_back.sum().double()]))
         return lam
 
     fz.register_hook(solve_adjoint)

@@ -11,6 +11,8 @@ the FPSA map stays deterministic across iterations.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -107,25 +109,37 @@ class SelfTransformer(nn.Module):
         fpsa/loop_l{i}: iterations layer i's loop ran (its slowest token); fpsa/converged_frac: share of
         (real token, layer) pairs that met fpsa.tol. After an implicit backward also fpsa/adj_iters_l{i},
         fpsa/adj_residual_l{i} (relative change of λ at exit) and fpsa/adj_diverged_l{i} (examples whose adjoint
-        iteration was stopped on divergence) of the last adjoint solve.
+        iteration was stopped on divergence) of the last adjoint solve. One host sync reads them all.
         """
         layers = self.fpsa_layers()
         solves = [layer.last_solve for layer in layers]
         if not layers or any(s is None for s in solves):
             return {}
+        # every figure is a device value: gather them into one tensor and read it with one host sync
+        parts = []
+        for layer, s in zip(layers, solves):
+            parts += [s.device_sums(), s.loop_iters().double()[None]]
+            if layer.last_adjoint.ran:
+                parts.append(layer.last_adjoint.values)
+        values = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
         stats: dict[str, float] = {}
-        for i, (layer, s) in enumerate(zip(layers, solves)):
-            stats[metrics.FPSA_ITERS_LAYER.format(layer=i)] = s.mean_token_iters()
-            stats[metrics.FPSA_LOOP_LAYER.format(layer=i)] = float(s.iters)
-            adjoint = layer.last_adjoint
-            if adjoint.iters:
-                stats[metrics.FPSA_ADJ_ITERS_LAYER.format(layer=i)] = float(adjoint.iters)
-                stats[metrics.FPSA_ADJ_RESIDUAL_LAYER.format(layer=i)] = adjoint.residual
-                stats[metrics.FPSA_ADJ_DIVERGED_LAYER.format(layer=i)] = float(adjoint.diverged)
-                stats[metrics.FPSA_ADJ_DAMPED_LAYER.format(layer=i)] = float(adjoint.damped)
+        fractions = []
+        for i, layer in enumerate(layers):
+            token_iters, converged, real, loop, *values = values
+            # the mean over real tokens (sums of integers are exact in float64: the same value as a mean)
+            stats[metrics.FPSA_ITERS_LAYER.format(layer=i)] = token_iters / real if real else math.nan
+            stats[metrics.FPSA_LOOP_LAYER.format(layer=i)] = loop
+            fractions.append(converged / real if real else math.nan)
+            if layer.last_adjoint.ran:
+                (iters, residual, diverged, damped), values = values[:4], values[4:]
+                if iters:
+                    stats[metrics.FPSA_ADJ_ITERS_LAYER.format(layer=i)] = iters
+                    stats[metrics.FPSA_ADJ_RESIDUAL_LAYER.format(layer=i)] = residual
+                    stats[metrics.FPSA_ADJ_DIVERGED_LAYER.format(layer=i)] = diverged
+                    stats[metrics.FPSA_ADJ_DAMPED_LAYER.format(layer=i)] = damped
         per_layer = [stats[metrics.FPSA_ITERS_LAYER.format(layer=i)] for i in range(len(layers))]
         stats[metrics.FPSA_ITERS_MEAN] = sum(per_layer) / len(layers)
-        stats[metrics.FPSA_CONVERGED_FRAC] = sum(s.converged_frac() for s in solves) / len(solves)
+        stats[metrics.FPSA_CONVERGED_FRAC] = sum(fractions) / len(solves)
         return stats
 
     def fpsa_example_iters(self, layer: int | None = None) -> torch.Tensor:
