@@ -1,4 +1,4 @@
-"""Fault injection for the reliability suite (tests/faults/), driven by one environment variable.
+"""Fault injection for the reliability suite (tests/distributed/test_faults.py), driven by one environment variable.
 
     DTRAIN_FAULT="kill@train:step=5,rank=1"         SIGKILL this rank after its step-5 update
     DTRAIN_FAULT="kill@checkpoint:step=4,rank=0"    SIGKILL while writing the step-4 checkpoint

@@ -1,19 +1,23 @@
 """dtrain.distributed's control collectives on real ranks: results, and tensors left on the caller's device."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from tests.helpers.ranks import run_ranks
 
 
 def _reductions(rank: int, world: int) -> dict[str, list[float]]:
     from dtrain.distributed import all_ranks_agree, all_reduce_max, all_reduce_min, all_reduce_sum
 
     mine = torch.tensor([float(rank), 10.0 - rank], dtype=torch.float64)
-    return {"sum": all_reduce_sum(mine.clone()).tolist(), "max": all_reduce_max(mine.clone()).tolist(),
-            "min": all_reduce_min(mine.clone()).tolist(),
-            "agree": [all_ranks_agree(True), all_ranks_agree(rank != 1)]}
+    return {
+        "sum": all_reduce_sum(mine.clone()).tolist(),
+        "max": all_reduce_max(mine.clone()).tolist(),
+        "min": all_reduce_min(mine.clone()).tolist(),
+        "agree": [all_ranks_agree(True), all_ranks_agree(rank != 1)],
+    }
 
 
 def test_all_reduce_sum_max_min():

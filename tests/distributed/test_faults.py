@@ -3,16 +3,20 @@
 Each test injects one fault through DTRAIN_FAULT (dtrain/faults.py) or by damaging files, and checks the
 outcome against an uninterrupted run (the exact oracle) or against the expected one-line error.
 """
+
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from dtrain.metrics import SKIPPED, SKIPPED_STEPS, STEP, TRAIN_LOSS
-from launch_utils import max_rel_diff, metrics, model_state, summary, train
+from tests.helpers.launch import ROOT, TINY, env, metrics, model_state, netns_missing, summary, train
+from tests.helpers.oracles import max_rel_diff
 
 pytestmark = pytest.mark.faults
 
@@ -42,15 +46,25 @@ def test_nan_on_one_rank_is_skipped_by_all(tmp_path: Path):
 
 
 def test_nan_with_stop_policy_stops_every_rank(tmp_path: Path):
-    proc = train(tmp_path / "stop", "train.nan_policy=stop", nproc=2,
-                 extra_env={"DTRAIN_FAULT": "nan@loss:step=2,rank=0"}, check=False)
+    proc = train(
+        tmp_path / "stop",
+        "train.nan_policy=stop",
+        nproc=2,
+        extra_env={"DTRAIN_FAULT": "nan@loss:step=2,rank=0"},
+        check=False,
+    )
     assert proc.returncode != 0
     assert "non-finite loss or gradient" in _last_line(proc) and "step 2" in _last_line(proc)
 
 
 def test_silent_divergence_is_caught_and_named(tmp_path: Path):
-    proc = train(tmp_path / "diverge", "train.consistency_every=1", nproc=2,
-                 extra_env={"DTRAIN_FAULT": "perturb@train:step=2,rank=1"}, check=False)
+    proc = train(
+        tmp_path / "diverge",
+        "train.consistency_every=1",
+        nproc=2,
+        extra_env={"DTRAIN_FAULT": "perturb@train:step=2,rank=1"},
+        check=False,
+    )
     assert proc.returncode != 0
     line = _last_line(proc)
     assert "ReplicaMismatch" in line and "embed.weight" in line
@@ -65,8 +79,9 @@ def test_sigkill_mid_step_resumes_to_the_same_model(tmp_path: Path, uninterrupte
 
 def test_sigkill_mid_checkpoint_never_replaces_the_last_good_one(tmp_path: Path, uninterrupted: Path):
     run = tmp_path / "killed_ckpt"
-    proc = train(run, nproc=2, torchrun_args=("--max-restarts=1",),
-                 extra_env={"DTRAIN_FAULT": "kill@checkpoint:step=6,rank=0"})
+    proc = train(
+        run, nproc=2, torchrun_args=("--max-restarts=1",), extra_env={"DTRAIN_FAULT": "kill@checkpoint:step=6,rank=0"}
+    )
     assert "resumed from" in proc.stderr and "step_00000003" in proc.stderr
     assert max_rel_diff(model_state(uninterrupted), model_state(run)) == 0.0
     assert not list((run / "checkpoints").glob("*.partial"))
@@ -86,8 +101,14 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path, unin
 
 def test_hung_peer_fails_within_the_timeout_naming_the_rank(tmp_path: Path):
     t0 = time.monotonic()
-    proc = train(tmp_path / "hung", "comm.timeout_s=5", nproc=2,
-                 extra_env={"DTRAIN_FAULT": "stop@train:step=2,rank=1"}, check=False, timeout=180)
+    proc = train(
+        tmp_path / "hung",
+        "comm.timeout_s=5",
+        nproc=2,
+        extra_env={"DTRAIN_FAULT": "stop@train:step=2,rank=1"},
+        check=False,
+        timeout=180,
+    )
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
     line = _last_line(proc)
@@ -99,7 +120,7 @@ def test_batch_not_divisible_by_world_size_names_both_numbers(tmp_path: Path):
     proc = train(tmp_path / "div", "train.batch_size=7", nproc=2, check=False)
     assert proc.returncode != 0
     assert "train.batch_size=7 is not divisible by the world size 2" in _last_line(proc)
-    assert 'File "' + str(Path(__file__).resolve().parents[2] / "dtrain") not in proc.stderr  # no dtrain traceback
+    assert 'File "' + str(ROOT / "dtrain") not in proc.stderr  # no dtrain traceback
 
 
 def test_compression_rank_above_layer_dims_falls_back_and_says_so(tmp_path: Path):
@@ -110,30 +131,35 @@ def test_compression_rank_above_layer_dims_falls_back_and_says_so(tmp_path: Path
     assert json.loads((run / "plan.json").read_text())["warnings"]
 
 
-def _netns_usable() -> str | None:
-    import os
-    import shutil
-    import subprocess
-    if os.geteuid() != 0:
-        return "needs root (ip netns, veth)"
-    if not shutil.which("ip") or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
-        return "needs iproute2 with network namespaces"
-    return None
-
-
 @pytest.mark.root
-@pytest.mark.skipif(_netns_usable() is not None, reason=str(_netns_usable()))
+@pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))
 def test_link_down_fails_within_the_timeout_naming_the_unreachable_rank(tmp_path: Path):
     """Two hosts in network namespaces; host 1's switch port goes down mid-run."""
-    import subprocess
-    import sys
-
-    from launch_utils import ROOT, TINY, env
     run = tmp_path / "linkdown"
-    cmd = [sys.executable, str(ROOT / "launch" / "netns_cluster.py"), "--hosts", "2", "--prefix", "dtfl",
-           "--subnet", "10.78.0", "--port", "29471", "--timeout", "170", "--", "--config", TINY,
-           "--set", f"run.dir={run}", "train.steps=100000", "eval.every=0", "checkpoint.every=0",
-           "comm.timeout_s=8", "log.wandb=disabled"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "netns_cluster.py"),
+        "--hosts",
+        "2",
+        "--prefix",
+        "dtfl",
+        "--subnet",
+        "10.78.0",
+        "--port",
+        "29471",
+        "--timeout",
+        "170",
+        "--",
+        "--config",
+        TINY,
+        "--set",
+        f"run.dir={run}",
+        "train.steps=100000",
+        "eval.every=0",
+        "checkpoint.every=0",
+        "comm.timeout_s=8",
+        "log.wandb=disabled",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -156,5 +182,8 @@ def test_link_down_fails_within_the_timeout_naming_the_unreachable_rank(tmp_path
     assert "PeerUnresponsive" in host0 and "unresponsive: rank 1" in host0, host0[-3000:]
     assert "PeerUnresponsive" in host1 and "rank 0" in host1, host1[-3000:]
     assert elapsed < 90, f"took {elapsed:.0f} s after the link went down"
-    assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
-                if ns.startswith("dtfl-")], "namespaces torn down"
+    assert not [
+        ns
+        for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        if ns.startswith("dtfl-")
+    ], "namespaces torn down"

@@ -8,33 +8,23 @@ What the link counters see beyond dtrain's reported gradient wire bytes (measure
 The run below is sized so that gradients dominate: fp32 all-reduce of a 100,866-parameter model (403 KB per
 step) for 25 steps, evaluation and checkpoint only at the end. Expected ratio about 1.08; the test allows 15%.
 """
+
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from dtrain.metrics import COMM_TIME_PER_STEP_S, COMM_WIRE_BYTES_PER_STEP, METRICS_FILE, WORLD_SIZE
-from launch_utils import ROOT, TINY, env
+from tests.helpers.launch import ROOT, TINY, env, netns_missing
 
 SCRIPT = ROOT / "launch" / "netns_cluster"
 PREFIX = "dtnt"  # distinct from the tool's default, so a user's cluster is never touched
 
 
-def _netns_usable() -> str | None:
-    """None when the tests can run, else why not."""
-    if os.geteuid() != 0:
-        return "needs root (ip netns, veth, tc)"
-    if shutil.which("ip") is None or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode:
-        return "`ip netns` is not available"
-    return None
-
-
-needs_netns = pytest.mark.skipif(_netns_usable() is not None, reason=str(_netns_usable()))
+needs_netns = pytest.mark.skipif(netns_missing() is not None, reason=str(netns_missing()))
 
 
 def _our_namespaces() -> list[str]:
@@ -43,8 +33,25 @@ def _our_namespaces() -> list[str]:
 
 
 def _cluster(run_dir: Path, *dtrain_sets: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    cmd = [str(SCRIPT), "--hosts", "2", "--nproc-per-host", "1", "--rate", "100mbit", "--prefix", PREFIX,
-           "--timeout", str(timeout - 60), "--", "--config", TINY, "--set", f"run.dir={run_dir}", *dtrain_sets]
+    cmd = [
+        str(SCRIPT),
+        "--hosts",
+        "2",
+        "--nproc-per-host",
+        "1",
+        "--rate",
+        "100mbit",
+        "--prefix",
+        PREFIX,
+        "--timeout",
+        str(timeout - 60),
+        "--",
+        "--config",
+        TINY,
+        "--set",
+        f"run.dir={run_dir}",
+        *dtrain_sets,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -52,8 +59,16 @@ def _cluster(run_dir: Path, *dtrain_sets: str, timeout: float = 400) -> subproce
 @needs_netns
 def test_rate_capped_two_host_run_link_bytes_match_reported_wire_bytes(tmp_path: Path):
     run_dir = tmp_path / "netns-allreduce"
-    proc = _cluster(run_dir, "comm.strategy=allreduce", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-                    "train.steps=25", "eval.every=0", "checkpoint.every=0")
+    proc = _cluster(
+        run_dir,
+        "comm.strategy=allreduce",
+        "model.d_model=64",
+        "model.n_layers=2",
+        "model.n_heads=4",
+        "train.steps=25",
+        "eval.every=0",
+        "checkpoint.every=0",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _our_namespaces() == [], "namespaces left behind"
     report = json.loads(run_dir.with_name(run_dir.name + ".netns.json").read_text())
@@ -100,8 +115,22 @@ def test_ctrl_c_stops_the_job_and_tears_down(tmp_path: Path):
     # Started with SIGINT ignored, as a background job of a non-interactive shell (`make test-all &`, a CI
     # runner) starts everything: Python then installs no KeyboardInterrupt handler, so the tool must install
     # its own. It did not, and this test timed out whenever the suite itself was started that way.
-    cmd = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', str(SCRIPT), "--hosts", "2", "--prefix", PREFIX, "--",
-           "--config", TINY, "--set", f"run.dir={run_dir}", "train.steps=100000"]
+    cmd = [
+        "sh",
+        "-c",
+        'trap "" INT; exec "$0" "$@"',
+        str(SCRIPT),
+        "--hosts",
+        "2",
+        "--prefix",
+        PREFIX,
+        "--",
+        "--config",
+        TINY,
+        "--set",
+        f"run.dir={run_dir}",
+        "train.steps=100000",
+    ]
     tool = subprocess.Popen(cmd, cwd=ROOT, env=env(), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -124,19 +153,13 @@ def test_ctrl_c_stops_the_job_and_tears_down(tmp_path: Path):
     assert left == [], "dtrain processes left running"
 
 
-def test_without_root_it_says_so_in_one_line_and_exits_2(monkeypatch, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("netns_cluster", ROOT / "launch" / "netns_cluster.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    monkeypatch.setattr(tool.os, "geteuid", lambda: 1000)
-    assert tool.main(["--hosts", "2", "--", "--config", TINY]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "needs root" in err
-
-
 def test_bad_rate_is_refused():
-    proc = subprocess.run([str(SCRIPT), "--rate", "fast", "--", "--config", TINY], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(SCRIPT), "--rate", "fast", "--", "--config", TINY],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "--rate 'fast'" in proc.stderr

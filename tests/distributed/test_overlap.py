@@ -1,17 +1,20 @@
 """dad / rankdad / auto with `comm.overlap` (collectives started during backward) and `comm.rest_dtype`
-(16-bit uncaptured gradients with error feedback), on real gloo processes."""
-from __future__ import annotations
+(16-bit uncaptured gradients with error feedback), on real gloo processes.
 
-import functools
+Each scenario (one configuration trained with and without overlap, at one world size; gradient accumulation)
+runs on its own spawned ranks, once: the tests that read it share the run, and their ids name it."""
+
+from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import run_ranks
 from dtrain.compression import build_strategy
-from dtrain.config import CommConfig, ConfigError, config_from_dict
-from toy_models import ToyEncoder, toy_batch
+from dtrain.config import CommConfig
+from tests.helpers.models import TOY_LAYERS, seeded_encoder, toy_batch
+from tests.helpers.oracles import oracle_grads
+from tests.helpers.ranks import cached, run_ranks
 
 GLOBAL_BATCH = 16
 STEPS = 6
@@ -26,8 +29,7 @@ CONFIGS = {
 
 
 def _train(fields: dict, rank: int, world: int, overlap: bool) -> dict:
-    torch.manual_seed(0)
-    model = ToyEncoder()
+    model = seeded_encoder()
     strategy = build_strategy(CommConfig(**fields, overlap=overlap))
     fwd = strategy.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -45,12 +47,16 @@ def _train(fields: dict, rank: int, world: int, overlap: bool) -> dict:
     return out
 
 
+def _overlap_on_and_off(rank: int, world: int, config: str) -> dict[bool, dict]:
+    """The same training twice, the same ranks: with overlap (True) and without (False)."""
+    return {mode: _train(CONFIGS[config], rank, world, mode) for mode in (True, False)}
+
+
 def _accumulate(rank: int, world: int) -> dict:
     """Two micro-batches: the first backward inside no_sync(); and the same without no_sync (must refuse)."""
     res = {}
     for use_no_sync in (True, False):
-        torch.manual_seed(0)
-        model = ToyEncoder()
+        model = seeded_encoder()
         strategy = build_strategy(CommConfig(strategy="dad"))
         fwd = strategy.attach(model)
         batches = [toy_batch(s, GLOBAL_BATCH, rank, world) for s in (0, 1)]
@@ -68,31 +74,24 @@ def _accumulate(rank: int, world: int) -> dict:
     return res
 
 
-def _worker(rank: int, world: int) -> dict:
-    out = {name: {mode: _train(fields, rank, world, mode) for mode in (True, False)}
-           for name, fields in CONFIGS.items()}
-    out["accumulate"] = _accumulate(rank, world)
-    return out
+@cached
+def _run(config: str, world: int) -> list[dict[bool, dict]]:
+    return run_ranks(_overlap_on_and_off, world, config)
 
 
-@functools.lru_cache(maxsize=None)
-def _results(world: int) -> list[dict]:
-    return run_ranks(_worker, world)
-
-
-WORLDS = pytest.mark.parametrize("world", [2, 4])
+WORLDS = pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"world{w}")
 
 
 @WORLDS
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_overlap_changes_no_bit_and_no_byte_and_starts_layers_during_backward(world, config):
-    results = _results(world)
+    results = _run(config, world)
     for res in results:
-        on, off = res[config][True], res[config][False]
+        on, off = res[True], res[False]
         assert on["bytes"] == off["bytes"]
         for name, p in off["params"].items():
             assert torch.equal(on["params"][name], p), name
-            assert torch.equal(results[0][config][True]["params"][name], on["params"][name]), name
+            assert torch.equal(results[0][True]["params"][name], on["params"][name]), name
         # every captured layer goes out during backward (auto: from step 2, once its plan is made)
         first = 1 if config.startswith("auto") else 0
         assert all(e >= 2 for e in on["early"][first:]), on["early"]
@@ -100,33 +99,24 @@ def test_overlap_changes_no_bit_and_no_byte_and_starts_layers_during_backward(wo
 
 @WORLDS
 def test_rest_in_16_bits_halves_its_bytes_and_keeps_a_residual(world):
-    res = _results(world)[0]
-    model = ToyEncoder()
-    rest = sum(p.numel() for n, p in model.named_parameters()
-               if n not in ("up.weight", "down.weight", "head.weight"))
-    fp32 = _results(world)[0]["rankdad-oneway"][True]["bytes"][0]
-    bf16 = res["rankdad-rest-bf16"][True]["bytes"][0]
-    assert fp32 - bf16 == 2 * rest
-    assert "rest_residual" in res["rankdad-rest-bf16"][True]["state"]
-    assert "rest_residual" in res["auto-rest-fp16"][True]["state"]
+    rest = sum(
+        p.numel()
+        for n, p in seeded_encoder().named_parameters()
+        if n not in {f"{layer}.weight" for layer in TOY_LAYERS}
+    )
+    fp32 = _run("rankdad-oneway", world)[0][True]["bytes"][0]
+    bf16 = _run("rankdad-rest-bf16", world)[0][True]
+    assert fp32 - bf16["bytes"][0] == 2 * rest
+    assert "rest_residual" in bf16["state"]
+    assert "rest_residual" in _run("auto-rest-fp16", world)[0][True]["state"]
 
 
 def test_accumulation_with_overlap_is_exact_inside_no_sync_and_refused_without():
-    world = 2
-    results = _results(world)
-    torch.manual_seed(0)
-    model = ToyEncoder()
-    for s in (0, 1):
-        tokens, labels = toy_batch(s, GLOBAL_BATCH, 0, 1)
-        F.cross_entropy(model(tokens), labels).backward()
+    results = run_ranks(_accumulate, 2)
     # each rank's loss is the mean over its half: the mean over ranks of the sum of two micro-batches
+    both = oracle_grads(GLOBAL_BATCH, steps=(0, 1))
     for res in results:
-        grads = res["accumulate"][True]
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
-        assert "no_sync" in res["accumulate"][False]
-
-
-def test_rest_dtype_is_refused_for_strategies_that_do_not_split_the_rest():
-    with pytest.raises(ConfigError, match="rest_dtype"):
-        config_from_dict({"comm": {"strategy": "powersgd", "rest_dtype": "bf16"}})
+        grads = res[True]
+        for n, g in both.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6)
+        assert "no_sync" in res[False]

@@ -1,5 +1,6 @@
 """The trainer end to end, with real processes: run directory contract, exactness across world sizes and
-strategies, resume, elastic restart."""
+strategies, resume. The SIGKILL + elastic restart acceptance test is in test_faults.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,20 +9,41 @@ import pytest
 import yaml
 
 from dtrain import metrics as metric
-from launch_utils import max_rel_diff, metrics, model_state, summary, train
+from tests.helpers.launch import metrics, model_state, summary, train
+from tests.helpers.oracles import max_rel_diff
 
-SUMMARY_KEYS = {metric.PARAMS, metric.WORLD_SIZE, metric.STRATEGY, metric.STEPS, metric.FINAL_VAL_ACC,
-                metric.COMM_BYTES_TOTAL, metric.COMM_BYTES_PER_STEP, metric.COMM_ALLREDUCE_BYTES_PER_STEP,
-                metric.COMPRESSION_RATIO, metric.WALL_S}
-TRAIN_KEYS = {metric.STEP, metric.TRAIN_LOSS, metric.COMM_BYTES_SENT, metric.COMM_BYTES_CUM, metric.COMM_TIME_S,
-              metric.TIME_STEP_S}
+SUMMARY_KEYS = {
+    metric.PARAMS,
+    metric.WORLD_SIZE,
+    metric.STRATEGY,
+    metric.STEPS,
+    metric.FINAL_VAL_ACC,
+    metric.COMM_BYTES_TOTAL,
+    metric.COMM_BYTES_PER_STEP,
+    metric.COMM_ALLREDUCE_BYTES_PER_STEP,
+    metric.COMPRESSION_RATIO,
+    metric.WALL_S,
+}
+TRAIN_KEYS = {
+    metric.STEP,
+    metric.TRAIN_LOSS,
+    metric.COMM_BYTES_SENT,
+    metric.COMM_BYTES_CUM,
+    metric.COMM_TIME_S,
+    metric.TIME_STEP_S,
+}
 
 
 def test_two_rank_run_writes_the_run_directory(tmp_path: Path):
     run = tmp_path / "run"
     train(run, nproc=2)
-    assert {p.name for p in run.iterdir()} >= {"config.yaml", metric.METRICS_FILE, metric.SUMMARY_FILE, "model.pt",
-                                                "checkpoints"}
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml",
+        metric.METRICS_FILE,
+        metric.SUMMARY_FILE,
+        "model.pt",
+        "checkpoints",
+    }
     assert yaml.safe_load((run / "config.yaml").read_text())["run"]["dir"] == str(run)
     rows = metrics(run)
     train_rows = [r for r in rows if metric.TRAIN_LOSS in r]
@@ -45,8 +67,12 @@ def test_two_rank_run_writes_the_run_directory(tmp_path: Path):
 def test_exact_strategies_and_world_sizes_give_the_same_model(tmp_path: Path):
     ref = tmp_path / "w1"
     train(ref, "comm.strategy=allreduce", nproc=1)
-    runs = {"allreduce-w2": ("allreduce", 2), "dad-w2": ("dad", 2), "ddp-w2": ("ddp", 2),
-            "allreduce-w4": ("allreduce", 4)}
+    runs = {
+        "allreduce-w2": ("allreduce", 2),
+        "dad-w2": ("dad", 2),
+        "ddp-w2": ("ddp", 2),
+        "allreduce-w4": ("allreduce", 4),
+    }
     for name, (strategy, n) in runs.items():
         train(tmp_path / name, f"comm.strategy={strategy}", nproc=n)
         assert max_rel_diff(model_state(ref), model_state(tmp_path / name)) < 1e-5, name
@@ -62,6 +88,3 @@ def test_resume_equals_uninterrupted(tmp_path: Path):
     assert max_rel_diff(model_state(full), model_state(part)) == 0.0
     steps = [r[metric.STEP] for r in metrics(part) if metric.TRAIN_LOSS in r]
     assert steps == list(range(1, 7)), "each step logged exactly once after a resume"
-
-
-# The SIGKILL + elastic restart acceptance test lives in tests/faults/test_faults.py.

@@ -1,4 +1,5 @@
 """wandb: rank 0 writes an offline run under the run directory, with our metric keys, without any network."""
+
 from __future__ import annotations
 
 import os
@@ -10,11 +11,20 @@ from pathlib import Path
 import pytest
 
 from dtrain import metrics
-from launch_utils import ROOT, TINY, env
+from tests.helpers.launch import ROOT, TINY, env
 
-KEYS = [name.encode() for name in (metrics.TRAIN_LOSS, metrics.COMM_BYTES_SENT, metrics.COMM_BYTES_CUM,
-                                   metrics.VAL_ACC, metrics.FPSA_ITERS_MEAN, metrics.COMPRESSION_RATIO,
-                                   metrics.BYTES_VS_ACCURACY)]
+KEYS = [
+    name.encode()
+    for name in (
+        metrics.TRAIN_LOSS,
+        metrics.COMM_BYTES_SENT,
+        metrics.COMM_BYTES_CUM,
+        metrics.VAL_ACC,
+        metrics.FPSA_ITERS_MEAN,
+        metrics.COMPRESSION_RATIO,
+        metrics.BYTES_VS_ACCURACY,
+    )
+]
 
 
 def _no_network_prefix() -> list[str]:
@@ -30,10 +40,19 @@ def _no_network_prefix() -> list[str]:
 def test_offline_run_lives_in_the_run_dir_and_holds_the_metric_keys(tmp_path: Path, nproc: int):
     run = tmp_path / "run"
     isolate = _no_network_prefix()
-    cmd = [sys.executable, "-m", "dtrain"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "dtrain"]
-    proc = subprocess.run([*isolate, *cmd, "train", "--config", TINY, "--set", f"run.dir={run}", "log.wandb=offline"],
-                          cwd=ROOT, env=env(WANDB_MODE="offline"), capture_output=True, text=True, timeout=300)
+    cmd = (
+        [sys.executable, "-m", "dtrain"]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "dtrain"]
+    )
+    proc = subprocess.run(
+        [*isolate, *cmd, "train", "--config", TINY, "--set", f"run.dir={run}", "log.wandb=offline"],
+        cwd=ROOT,
+        env=env(WANDB_MODE="offline"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = list((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "exactly one wandb run: rank 0 only"
@@ -46,6 +65,12 @@ def test_offline_run_lives_in_the_run_dir_and_holds_the_metric_keys(tmp_path: Pa
 
 def test_disabled_writes_nothing(tmp_path: Path):
     run = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "dtrain", "train", "--config", TINY, "--set", f"run.dir={run}",
-                    "log.wandb=disabled"], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "dtrain", "train", "--config", TINY, "--set", f"run.dir={run}", "log.wandb=disabled"],
+        cwd=ROOT,
+        env=env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert not (run / "wandb").exists()

@@ -1,8 +1,10 @@
 """Launch `dtrain train` as real processes (plain, or under torchrun) and read back its run directory."""
+
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from dtrain.metrics import SUMMARY_FILE, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 
 
@@ -22,17 +24,33 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def train(run_dir: Path, *overrides: str, nproc: int = 1, config: str = TINY, torchrun_args: tuple = (),
-          extra_env: dict | None = None, timeout: float = 240, check: bool = True,
-          resume: bool = False) -> subprocess.CompletedProcess:
+def train(
+    run_dir: Path,
+    *overrides: str,
+    nproc: int = 1,
+    config: str = TINY,
+    torchrun_args: tuple = (),
+    extra_env: dict | None = None,
+    timeout: float = 240,
+    check: bool = True,
+    resume: bool = False,
+) -> subprocess.CompletedProcess:
     args = ["train", "--config", config, *(["--resume"] if resume else []), "--set", f"run.dir={run_dir}", *overrides]
     if nproc == 1 and not torchrun_args:
         cmd = [sys.executable, "-m", "dtrain", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               *torchrun_args, "-m", "dtrain", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *torchrun_args,
+            "-m",
+            "dtrain",
+            *args,
+        ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -50,10 +68,10 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / SUMMARY_FILE).read_text())
 
 
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    worst = 0.0
-    for k in a:
-        scale = max(a[k].abs().max().item(), 1e-12)
-        worst = max(worst, (a[k] - b[k]).abs().max().item() / scale)
-    return worst
+def netns_missing() -> str | None:
+    """None where launch/netns_cluster can run (root and `ip netns`), else why not: the reason of a skip."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns, veth, tc)"
+    if shutil.which("ip") is None or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode:
+        return "`ip netns` is not available"
+    return None

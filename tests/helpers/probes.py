@@ -1,5 +1,6 @@
 """A dispatch mode that records the largest tensor any op produces: proves a code path never materialises
 a big matrix (e.g. the out x in weight gradient)."""
+
 from __future__ import annotations
 
 import torch

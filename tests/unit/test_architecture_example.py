@@ -1,4 +1,5 @@
 """The example codec of docs/architecture.md, run from the document itself: its gradients are plain autograd's."""
+
 from __future__ import annotations
 
 import copy
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dtrain.config import CommConfig
-from toy_models import ToyEncoder, toy_batch
+from tests.helpers.models import ToyEncoder, toy_batch
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 

@@ -1,5 +1,6 @@
 """The per-layer codecs alone, on one process (Comm without a process group): decode = Δᵀ A, payload = the
 cost model's bytes per peer, error feedback adds up."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,11 @@ def _factors(**options) -> FactorsCodec:
     return codec
 
 
-@pytest.mark.parametrize("codec", [RowsCodec(), _factors(rank=min(IN, OUT), power_iters=4, error_feedback=False)],
-                         ids=["rows", "factors-full-rank"])
+@pytest.mark.parametrize(
+    "codec",
+    [RowsCodec(), _factors(rank=min(IN, OUT), power_iters=4, error_feedback=False)],
+    ids=["rows", "factors-full-rank"],
+)
 def test_decode_is_the_local_weight_gradient_and_payload_matches_the_cost_model(codec):
     layer, comm = _layer(), Comm()
     grad = codec.finish(codec.launch(layer, comm), comm)

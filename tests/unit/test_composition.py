@@ -1,5 +1,6 @@
 """The structure issue 13 asked for, as checks: strategies are compositions, lossy codecs share one
 error-feedback memory, and every config that loaded before still loads."""
+
 from __future__ import annotations
 
 import importlib
@@ -48,8 +49,9 @@ def _yaml_configs() -> list[Path]:
     return sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "tests" / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in _yaml_configs() if "sweeps" not in p.parts],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", [p for p in _yaml_configs() if "sweeps" not in p.parts], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_every_shipped_config_loads_for_every_strategy(path):
     for name in STRATEGY_NAMES:
         if name == "ddp-powersgd" and load_yaml(path).get("comm", {}).get("factor_dtype", "fp32") != "fp32":

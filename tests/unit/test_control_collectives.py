@@ -1,13 +1,22 @@
 """dtrain.distributed's control collectives without peers: identities at world size 1, and the device each
 backend needs its tensors on."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from dtrain import distributed
-from dtrain.distributed import (all_gather_objects, all_ranks_agree, all_reduce_max, all_reduce_min, all_reduce_sum,
-                                barrier, broadcast_, group_world_size)
+from dtrain.distributed import (
+    all_gather_objects,
+    all_ranks_agree,
+    all_reduce_max,
+    all_reduce_min,
+    all_reduce_sum,
+    barrier,
+    broadcast_,
+    group_world_size,
+)
 
 
 def test_without_peers_every_collective_is_the_identity():
@@ -21,12 +30,15 @@ def test_without_peers_every_collective_is_the_identity():
     assert all_ranks_agree(True) is True and all_ranks_agree(False) is False
 
 
-@pytest.mark.parametrize("config, expected", [
-    ("cpu:gloo,cuda:gloo", "cpu"),   # backend "gloo"
-    ("cpu:gloo,cuda:nccl", "cpu"),   # gloo takes the CPU tensors, nccl the CUDA ones
-    ("cuda:nccl", "cuda:0"),         # backend "nccl"
-    ("cuda:gloo", "cuda:0"),         # gloo, but registered for CUDA tensors only
-])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("cpu:gloo,cuda:gloo", "cpu"),  # backend "gloo"
+        ("cpu:gloo,cuda:nccl", "cpu"),  # gloo takes the CPU tensors, nccl the CUDA ones
+        ("cuda:nccl", "cuda:0"),  # backend "nccl"
+        ("cuda:gloo", "cuda:0"),  # gloo, but registered for CUDA tensors only
+    ],
+)
 def test_collective_device_follows_the_backend(monkeypatch: pytest.MonkeyPatch, config: str, expected: str):
     monkeypatch.setattr(distributed.dist, "get_backend_config", lambda group=None: config)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

@@ -1,4 +1,5 @@
 """Synthetic tasks: purity, held-out splits, determinism, and labels checked against independent references."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,10 +8,9 @@ import statistics
 import pytest
 import torch
 
-from dtrain.config import TASK_NAMES as TASKS, DataConfig
+from dtrain.config import TASK_NAMES as TASKS
+from dtrain.config import DataConfig
 from dtrain.data import IGNORE, build_task
-
-
 
 
 def make(task: str, **kw):
@@ -98,8 +98,10 @@ def ref_parity(bits: list[int]) -> tuple[list[int], int]:
 
 def ref_group(task: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """Elements (enumerated from all permutations, not generated) and the token -> permutation table."""
+
     def even(p):
         return sum(p[i] > p[j] for i in range(5) for j in range(i + 1, 5)) % 2 == 0
+
     elements = sorted(p for p in itertools.permutations(range(5)) if task == "s5" or even(p))
     second = (1, 0, 2, 3, 4) if task == "s5" else (1, 2, 0, 3, 4)
     return elements, [(0, 1, 2, 3, 4), second, (1, 2, 3, 4, 0)]
@@ -147,8 +149,9 @@ def test_labels_and_difficulty_match_reference(task):
     t = make(task, seq_len=20, max_depth=5, n_val=150)
     for split in ("train", "val"):
         b = t.batch(split, 0, 150)
-        for tokens, targets, mask, difficulty in zip(b.tokens.tolist(), b.targets.tolist(), b.mask.tolist(),
-                                                     b.difficulty.tolist()):
+        for tokens, targets, mask, difficulty in zip(
+            b.tokens.tolist(), b.targets.tolist(), b.mask.tolist(), b.difficulty.tolist()
+        ):
             if task == "parity":
                 assert (targets, difficulty) == ref_parity(tokens)
             elif task in ("s5", "a5"):
@@ -156,7 +159,7 @@ def test_labels_and_difficulty_match_reference(task):
             else:
                 assert (targets, difficulty) == ref_listops(tokens)
                 assert mask == [tok != 0 for tok in tokens]
-                assert all(mask[:sum(mask)])  # padding only at the end
+                assert all(mask[: sum(mask)])  # padding only at the end
 
 
 @pytest.mark.parametrize("task", TASKS)

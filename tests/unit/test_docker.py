@@ -1,5 +1,7 @@
-"""docker/: no Docker engine here, so the compose file is checked as data: its services form one torchrun job
-whose dtrain part is a valid `dtrain train` call, and the image build installs torch before dtrain."""
+"""docker/ checked as data (no Docker engine needed): the compose file's services form one torchrun job whose dtrain
+part is a valid `dtrain train` call, the image build installs torch before dtrain, and the entrypoint shapes the
+link only when asked. tests/distributed/test_docker.py has a compose implementation validate the file."""
+
 from __future__ import annotations
 
 import re
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch_utils import ROOT
+from tests.helpers.launch import ROOT
 
 DOCKER = ROOT / "docker"
 
@@ -31,7 +33,7 @@ def _flags(command: list[str]) -> tuple[dict[str, str], list[str]]:
     assert command[0] == "torchrun", command
     m = command.index("-m")
     flags = dict(arg[2:].split("=", 1) for arg in command[1:m])
-    return flags, command[m + 1:]
+    return flags, command[m + 1 :]
 
 
 def test_every_node_runs_torchrun_with_c10d_rendezvous_on_node0(nodes):
@@ -93,35 +95,13 @@ def test_entrypoint_is_valid_sh_and_only_shapes_when_asked(tmp_path: Path):
     script = DOCKER / "entrypoint.sh"
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
     hello = tmp_path / "hello"
-    hello.write_text("#!/bin/sh\necho ran \"$@\"\n")
+    hello.write_text('#!/bin/sh\necho ran "$@"\n')
     hello.chmod(0o755)
     # only hello on PATH, no tc: without DTRAIN_RATE the entrypoint must just run the command
     proc = subprocess.run([str(script), "hello", "x"], capture_output=True, text=True, env={"PATH": str(tmp_path)})
     assert proc.returncode == 0 and proc.stdout == "ran x\n"
     # with DTRAIN_RATE and no way to shape, it stops with one line instead of running unshaped
-    proc = subprocess.run([str(script), "hello"], capture_output=True, text=True,
-                          env={"PATH": str(tmp_path), "DTRAIN_RATE": "100mbit"})
+    proc = subprocess.run(
+        [str(script), "hello"], capture_output=True, text=True, env={"PATH": str(tmp_path), "DTRAIN_RATE": "100mbit"}
+    )
     assert proc.returncode == 2 and proc.stdout == "" and "cannot shape eth0" in proc.stderr
-
-
-def _compose_cli() -> list[str] | None:
-    """A compose implementation to validate the file with: $DOCKER_COMPOSE, docker-compose, or `docker compose`."""
-    import os
-    import shutil
-
-    if os.environ.get("DOCKER_COMPOSE"):
-        return os.environ["DOCKER_COMPOSE"].split()
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    return None
-
-
-@pytest.mark.skipif(_compose_cli() is None, reason="no docker compose / docker-compose (set DOCKER_COMPOSE=...)")
-def test_compose_itself_accepts_the_file(nodes):
-    cli = _compose_cli()
-    proc = subprocess.run([*cli, "-f", str(DOCKER / "docker-compose.yml"), "config", "--services"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(proc.stdout.split()) == sorted(nodes)

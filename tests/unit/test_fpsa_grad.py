@@ -1,5 +1,6 @@
 """FPSA gradients: implicit == BPTT through many iterations, phantom's error, what a capturing strategy sees, and
 memory that does not grow with the iteration count."""
+
 from __future__ import annotations
 
 import copy
@@ -14,15 +15,18 @@ from dtrain.data import TaskSpec
 from dtrain.metrics import FPSA_ADJ_ITERS_LAYER, FPSA_LOOP_LAYER
 from dtrain.model import build_model
 
-
 SPEC = TaskSpec(name="t", vocab_size=7, seq_len=8, num_classes=5, per_token=False, targets_per_example=1, pad_id=0)
 ITERS = 50  # every token runs all of them: tol is far below float64 resolution
 
 
 def config(learned_temperature: bool = False, **fpsa) -> Config:
     fpsa = {"max_iter": ITERS, "tol": 1e-300, "damping": 0.5, "adj_max_iter": 400, "adj_tol": 1e-13, **fpsa}
-    return Config.model_validate({"model": {"d_model": 12, "n_layers": 2, "n_heads": 3,
-                                            "learned_temperature": learned_temperature}, "fpsa": fpsa})
+    return Config.model_validate(
+        {
+            "model": {"d_model": 12, "n_layers": 2, "n_heads": 3, "learned_temperature": learned_temperature},
+            "fpsa": fpsa,
+        }
+    )
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,8 +88,10 @@ def test_phantom_gradient_error_is_measured():
         whole.append(((flat - flat_ref).norm() / flat_ref.norm()).item())
         errors = relative_errors(got, reference)
         attention = [e for name, e in errors.items() if ".attn." in name]
-        print(f"phantom_steps={steps}: relative error vs BPTT, whole gradient {whole[-1]:.3g}; attention "
-              f"parameters max {max(attention):.3g}, mean {sum(attention) / len(attention):.3g}")
+        print(
+            f"phantom_steps={steps}: relative error vs BPTT, whole gradient {whole[-1]:.3g}; attention "
+            f"parameters max {max(attention):.3g}, mean {sum(attention) / len(attention):.3g}"
+        )
     assert whole[1] < whole[0]
 
 
@@ -97,9 +103,11 @@ def count_projection_calls(model, backward: str, **fpsa) -> Counter:
     handles = []
     for i, block in enumerate(model.blocks):
         for name in ("q", "k", "v", "o"):
+
             def hook(module, args, output, key=f"l{i}.{name}"):
                 if torch.is_grad_enabled():
                     calls[key] += 1
+
             handles.append(getattr(block.attn, name).register_forward_hook(hook))
     tokens, mask, targets = batch()
     F.cross_entropy(model(tokens, mask), targets).backward()

@@ -1,4 +1,5 @@
 """The adjoint solve on linear maps with known answers: undamped by default, damped where it must be, per example."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ def _matrix(eigenvalues: list[float], seed: int) -> torch.Tensor:
     return basis @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ torch.linalg.inv(basis)
 
 
-def _solve(ks: list[torch.Tensor], g: torch.Tensor, damping: float = ALPHA,
-           max_iter: int = 200) -> tuple[torch.Tensor, AdjointRecord]:
+def _solve(
+    ks: list[torch.Tensor], g: torch.Tensor, damping: float = ALPHA, max_iter: int = 200
+) -> tuple[torch.Tensor, AdjointRecord]:
     """λ for the damped map z ↦ (1-α) z + α (K_b z + c), one K per example b, through attach_adjoint."""
     k = torch.stack(ks)
 

@@ -1,4 +1,5 @@
 """The rank-dAD compressor (dtrain/compression/lowrank.py) and its memory, without a process group."""
+
 from __future__ import annotations
 
 import copy
@@ -7,12 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtrain.compression.lowrank import (Dense, OuterProduct, clip_rank, effective_rank, random_start,
-                                        singular_values, subspace_iteration, truncate)
 from dtrain.compression import build_strategy
+from dtrain.compression.lowrank import (
+    Dense,
+    OuterProduct,
+    clip_rank,
+    effective_rank,
+    random_start,
+    singular_values,
+    subspace_iteration,
+    truncate,
+)
 from dtrain.config import CommConfig
-from toy_models import ToyEncoder, toy_batch
-from tensor_probe import LargestTensor
+from tests.helpers.models import ToyEncoder, toy_batch
+from tests.helpers.probes import LargestTensor
 
 
 def _known_spectrum(out: int, inp: int, sigma: torch.Tensor, seed: int = 0):
@@ -94,8 +103,12 @@ def test_error_feedback_invariant_in_float64():
     names = [c.name for c in strategy.captures]
     (codec,) = strategy.plan.codecs()
     for step in range(3):  # no optimizer step: the residual carries over between different batches
-        previous = {n: codec.residuals.get(n) if codec.residuals.get(n) is not None
-                    else torch.zeros_like(getattr(model, n).weight) for n in names}
+        previous = {
+            n: codec.residuals.get(n)
+            if codec.residuals.get(n) is not None
+            else torch.zeros_like(getattr(model, n).weight)
+            for n in names
+        }
         tokens, labels = toy_batch(step, 8, 0, 1)
         plain.zero_grad(set_to_none=True)
         F.cross_entropy(plain(tokens), labels).backward()
@@ -105,8 +118,7 @@ def test_error_feedback_invariant_in_float64():
         for n in names:
             local = getattr(plain, n).weight.grad
             delivered = getattr(model, n).weight.grad  # world size 1: exactly P̂ Q̂ᵀ
-            torch.testing.assert_close(local + previous[n], delivered + codec.residuals.get(n),
-                                       rtol=0, atol=1e-12)
+            torch.testing.assert_close(local + previous[n], delivered + codec.residuals.get(n), rtol=0, atol=1e-12)
             assert codec.residuals.get(n).abs().max() > 1e-6  # rank 2 < rank(G): something is left over
     strategy.close()
 
@@ -119,9 +131,14 @@ def _step_grads(model: ToyEncoder, strategy, step: int) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("fields", [dict(strategy="rankdad", rankdad_mode="oneway"),
-                                    dict(strategy="rankdad", rankdad_mode="twoway", warm_start=False),
-                                    dict(strategy="auto")])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(strategy="rankdad", rankdad_mode="oneway"),
+        dict(strategy="rankdad", rankdad_mode="twoway", warm_start=False),
+        dict(strategy="auto"),
+    ],
+)
 def test_resuming_from_state_dict_continues_exactly(fields):
     """Residuals, warm-start factors, the step that seeds random starts (and auto's plan) survive a checkpoint."""
     cfg = CommConfig(rank=2, **fields)

@@ -1,5 +1,6 @@
 """dtrain.metrics: the one metrics.jsonl reader, the byte formatter, and the protocol through which a model
 reports its own statistics."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ import torch
 from dtrain import metrics
 from dtrain.config import Config
 from dtrain.data import TaskSpec
-from dtrain.metrics import (MetricsLineError, ReportsStatistics, example_iterations, format_bytes, read_metrics,
-                            step_statistics)
+from dtrain.metrics import (
+    MetricsLineError,
+    ReportsStatistics,
+    example_iterations,
+    format_bytes,
+    read_metrics,
+    step_statistics,
+)
 from dtrain.model import build_model
 from dtrain.report.rundir import IncompleteRun, _read_metrics
 from dtrain.rundir import RunDir
@@ -22,7 +29,14 @@ SPEC = TaskSpec(name="t", vocab_size=7, seq_len=6, num_classes=3, per_token=Fals
 
 def test_format_bytes_uses_decimal_units():
     assert [format_bytes(n) for n in (0, 999, 1000, 118_880, 1.34e6, 2.5e9, 3e12)] == [
-        "0 B", "999 B", "1 kB", "119 kB", "1.34 MB", "2.5 GB", "3 TB"]
+        "0 B",
+        "999 B",
+        "1 kB",
+        "119 kB",
+        "1.34 MB",
+        "2.5 GB",
+        "3 TB",
+    ]
 
 
 def test_read_metrics_skips_only_a_last_line_cut_short(tmp_path: Path):
@@ -39,8 +53,10 @@ def test_read_metrics_skips_only_a_last_line_cut_short(tmp_path: Path):
 
 
 def test_resume_keeps_the_rows_up_to_the_checkpoint_byte_for_byte(tmp_path: Path):
-    rows = [{metrics.STEP: s, metrics.TRAIN_LOSS: 1 / 3 + s, metrics.GRAD_NORM: float("nan"), metrics.SKIPPED: False}
-            for s in range(1, 5)]
+    rows = [
+        {metrics.STEP: s, metrics.TRAIN_LOSS: 1 / 3 + s, metrics.GRAD_NORM: float("nan"), metrics.SKIPPED: False}
+        for s in range(1, 5)
+    ]
     written = RunDir(tmp_path, active=True)
     written.open(Config(), resume=False)
     for row in rows:

@@ -1,4 +1,5 @@
 """The encoder and the FPSA forward: parameter parity with vanilla, masks, the solver's freezing, and stats."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,20 +8,19 @@ import torch
 from dtrain.config import Config
 from dtrain.data import TaskSpec
 from dtrain.metrics import FPSA_CONVERGED_FRAC, FPSA_ITERS_LAYER, FPSA_ITERS_MEAN, FPSA_LOOP_LAYER
-from dtrain.model import FixedPointAttention, build_model
-from dtrain.model import spectral
+from dtrain.model import FixedPointAttention, build_model, spectral
 from dtrain.model.solver import solve
 
-
-PER_SEQ = TaskSpec(name="t", vocab_size=7, seq_len=10, num_classes=5, per_token=False, targets_per_example=1,
-                   pad_id=0)
-PER_TOKEN = TaskSpec(name="t", vocab_size=7, seq_len=10, num_classes=5, per_token=True, targets_per_example=10,
-                     pad_id=None)
+PER_SEQ = TaskSpec(name="t", vocab_size=7, seq_len=10, num_classes=5, per_token=False, targets_per_example=1, pad_id=0)
+PER_TOKEN = TaskSpec(
+    name="t", vocab_size=7, seq_len=10, num_classes=5, per_token=True, targets_per_example=10, pad_id=None
+)
 
 
 def config(attention: str = "fpsa", **fpsa) -> Config:
-    return Config.model_validate({"model": {"attention": attention, "d_model": 16, "n_layers": 2, "n_heads": 2},
-                                  "fpsa": fpsa})
+    return Config.model_validate(
+        {"model": {"attention": attention, "d_model": 16, "n_layers": 2, "n_heads": 2}, "fpsa": fpsa}
+    )
 
 
 def inputs(batch: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 `power_iteration_mean` is given a sum function that does nothing (world size 1), so the compressor is tested
 without any communicator; the strategy-level tests use `PowerSGD` as the trainer does, at world size 1."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ from dtrain.compression import build_strategy
 from dtrain.compression.memory import ErrorFeedback, TensorMemory
 from dtrain.compression.powersgd import MatrixPlan, initial_factor, matrix_plan, power_iteration_mean
 from dtrain.config import CommConfig
-from toy_models import ToyEncoder, toy_batch
+from tests.helpers.models import ToyEncoder, toy_batch
 
 START = 2
 STEPS = 7
@@ -36,8 +37,9 @@ def _low_rank(n: int, m: int, r: int, seed: int) -> torch.Tensor:
 def test_one_cold_step_recovers_a_matrix_of_rank_at_most_r():
     plans = [MatrixPlan("a", 12, 9, 3), MatrixPlan("b", 7, 20, 2)]
     matrices = [_low_rank(12, 9, 3, 0), _low_rank(7, 20, 1, 1)]
-    approx, qs = power_iteration_mean(matrices, initial_factor(plans, 0, torch.float64), plans, _no_comm, 1,
-                                      torch.float64)
+    approx, qs = power_iteration_mean(
+        matrices, initial_factor(plans, 0, torch.float64), plans, _no_comm, 1, torch.float64
+    )
     for a, m in zip(approx, matrices):
         _assert_float64_equal(a, m)
     assert [q.shape for q in qs] == [(9, 3), (20, 2)]
@@ -46,8 +48,9 @@ def test_one_cold_step_recovers_a_matrix_of_rank_at_most_r():
 def test_approximation_has_rank_r_and_is_the_projection_onto_p():
     plan = MatrixPlan("a", 10, 8, 2)
     m = torch.randn(10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    (approx,), _ = power_iteration_mean([m], initial_factor([plan], 5, torch.float64), [plan], _no_comm, 1,
-                                        torch.float64)
+    (approx,), _ = power_iteration_mean(
+        [m], initial_factor([plan], 5, torch.float64), [plan], _no_comm, 1, torch.float64
+    )
     assert torch.linalg.matrix_rank(approx).item() == 2
     # approx = P Pᵀ M for an orthonormal P spanning approx's columns: projecting again changes nothing
     u = torch.linalg.svd(approx).U[:, :2]
@@ -105,9 +108,14 @@ def _run(steps: int, **cfg):
         before = {n: p.grad.clone() for n, p in model.named_parameters()}
         residual_before = {n: strategy.residuals.get(n) for n in names}
         strategy.synchronize()
-        history.append({"grad": before, "delivered": {n: p.grad.clone() for n, p in model.named_parameters()},
-                        "residual_before": residual_before,
-                        "residual_after": {n: strategy.residuals.get(n) for n in names}})
+        history.append(
+            {
+                "grad": before,
+                "delivered": {n: p.grad.clone() for n, p in model.named_parameters()},
+                "residual_before": residual_before,
+                "residual_after": {n: strategy.residuals.get(n) for n in names},
+            }
+        )
         opt.step()
     return strategy, history
 

@@ -1,5 +1,6 @@
 """Mixed precision without a process group: the captured Linear under autocast computes what autocast computes,
 records 16-bit rows, and lossy strategies rescale their error feedback with the loss scale."""
+
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """The strategy registry: the one list of names that config, CLI and build_strategy read, and each strategy's
 typed options."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,12 +50,20 @@ def test_options_of_other_strategies_still_load_so_old_configs_and_sweeps_keep_w
     assert cfg.comm.rank == 2 and not hasattr(cfg.comm.options(), "rank")
 
 
-@pytest.mark.parametrize("comm, message", [
-    ({"strategy": "ddp-powersgd", "factor_dtype": "bf16"}, "powerSGD_hook sends fp32 factors only"),
-    ({"strategy": "ddp-powersgd", "start_step": 1}, "needs start_step >= 2"),
-    ({"strategy": "powersgd", "rest_dtype": "bf16"}, "only dad, rankdad and auto send the uncaptured gradients"),
-])
+@pytest.mark.parametrize(
+    "comm, message",
+    [
+        ({"strategy": "ddp-powersgd", "factor_dtype": "bf16"}, "powerSGD_hook sends fp32 factors only"),
+        ({"strategy": "ddp-powersgd", "start_step": 1}, "needs start_step >= 2"),
+        ({"strategy": "powersgd", "rest_dtype": "bf16"}, "only dad, rankdad and auto send the uncaptured gradients"),
+    ],
+)
 def test_a_strategy_s_own_rules_give_one_line(comm, message):
     with pytest.raises(ConfigError, match=message) as err:
         config_from_dict({"comm": comm})
     assert "\n" not in str(err.value)
+
+
+def test_rest_dtype_is_refused_for_strategies_that_do_not_split_the_rest():
+    with pytest.raises(ConfigError, match="rest_dtype"):
+        config_from_dict({"comm": {"strategy": "powersgd", "rest_dtype": "bf16"}})

@@ -1,11 +1,12 @@
 """dtrain report on synthetic run directories whose figures are known by construction."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import matplotlib.image
 import pytest
@@ -22,30 +23,67 @@ from dtrain.report.timemodel import LinkRate, parse_link_rate, parse_link_rates,
 RATES = "8kbit,1mbit"
 
 
-def write_run(path: Path, *, task: str, strategy: str, rank: int, seed: int, payload: float, allreduce: float,
-              wire: float, eval_accs: list[float], compute_s: float, comm_s: float = 0.01,
-              iters_by_difficulty: Optional[dict[str, float]] = None) -> None:
+def write_run(
+    path: Path,
+    *,
+    task: str,
+    strategy: str,
+    rank: int,
+    seed: int,
+    payload: float,
+    allreduce: float,
+    wire: float,
+    eval_accs: list[float],
+    compute_s: float,
+    comm_s: float = 0.01,
+    iters_by_difficulty: dict[str, float] | None = None,
+) -> None:
     """A finished run: evaluations every 10 steps, bytes growing by `payload` per step."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(f"data:\n  task: {task}\ncomm:\n  strategy: {strategy}\n")
     steps = 10 * (len(eval_accs) - 1)
     rows: list[dict[str, Any]] = []
     for step in range(1, steps + 1):
-        rows.append({metric.STEP: step, metric.TRAIN_LOSS: 2.0 / step, metric.COMM_BYTES_SENT: payload,
-                     metric.COMM_BYTES_CUM: payload * step, metric.COMM_WIRE_BYTES: wire,
-                     metric.TIME_STEP_S: compute_s + comm_s})
+        rows.append(
+            {
+                metric.STEP: step,
+                metric.TRAIN_LOSS: 2.0 / step,
+                metric.COMM_BYTES_SENT: payload,
+                metric.COMM_BYTES_CUM: payload * step,
+                metric.COMM_WIRE_BYTES: wire,
+                metric.TIME_STEP_S: compute_s + comm_s,
+            }
+        )
         if step % 10 == 0:
-            rows.append({metric.STEP: step, metric.VAL_LOSS: 1.0, metric.VAL_ACC: eval_accs[step // 10],
-                         metric.COMM_BYTES_CUM: payload * step})
+            rows.append(
+                {
+                    metric.STEP: step,
+                    metric.VAL_LOSS: 1.0,
+                    metric.VAL_ACC: eval_accs[step // 10],
+                    metric.COMM_BYTES_CUM: payload * step,
+                }
+            )
     rows.insert(0, {metric.STEP: 0, metric.VAL_LOSS: 2.0, metric.VAL_ACC: eval_accs[0], metric.COMM_BYTES_CUM: 0})
     (path / metric.METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = {
-        metric.PARAMS: 1234, metric.WORLD_SIZE: 2, metric.STRATEGY: strategy, metric.STEPS: steps, metric.TASK: task,
-        metric.ATTENTION: "fpsa", metric.COMM_RANK: rank, metric.SEED: seed, metric.FINAL_VAL_ACC: eval_accs[-1],
-        metric.FINAL_VAL_LOSS: 1.0, metric.COMM_BYTES_TOTAL: payload * steps, metric.COMM_BYTES_PER_STEP: payload,
-        metric.COMM_WIRE_BYTES_PER_STEP: wire, metric.COMM_ALLREDUCE_BYTES_PER_STEP: allreduce,
-        metric.COMPRESSION_RATIO: allreduce / payload, metric.COMM_TIME_PER_STEP_S: comm_s,
-        metric.TIME_STEP_S_MEAN: compute_s + comm_s, metric.TIME_COMPUTE_S_PER_STEP: compute_s,
+        metric.PARAMS: 1234,
+        metric.WORLD_SIZE: 2,
+        metric.STRATEGY: strategy,
+        metric.STEPS: steps,
+        metric.TASK: task,
+        metric.ATTENTION: "fpsa",
+        metric.COMM_RANK: rank,
+        metric.SEED: seed,
+        metric.FINAL_VAL_ACC: eval_accs[-1],
+        metric.FINAL_VAL_LOSS: 1.0,
+        metric.COMM_BYTES_TOTAL: payload * steps,
+        metric.COMM_BYTES_PER_STEP: payload,
+        metric.COMM_WIRE_BYTES_PER_STEP: wire,
+        metric.COMM_ALLREDUCE_BYTES_PER_STEP: allreduce,
+        metric.COMPRESSION_RATIO: allreduce / payload,
+        metric.COMM_TIME_PER_STEP_S: comm_s,
+        metric.TIME_STEP_S_MEAN: compute_s + comm_s,
+        metric.TIME_COMPUTE_S_PER_STEP: compute_s,
         metric.WALL_S: steps * (compute_s + comm_s),
     }
     if iters_by_difficulty:
@@ -57,21 +95,82 @@ def write_run(path: Path, *, task: str, strategy: str, rank: int, seed: int, pay
 def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     # parity: allreduce over two seeds (final 0.9 and 0.8), powersgd r2 with 10x less payload (final 0.7).
-    write_run(root / "allreduce-s0-w2", task="parity", strategy="allreduce", rank=4, seed=0, payload=1000,
-              allreduce=1000, wire=1000, eval_accs=[0.5, 0.7, 0.85, 0.9], compute_s=0.1)
-    write_run(root / "allreduce-s1-w2", task="parity", strategy="allreduce", rank=4, seed=1, payload=1000,
-              allreduce=1000, wire=1000, eval_accs=[0.5, 0.6, 0.75, 0.8], compute_s=0.2)
-    write_run(root / "powersgd-r2-s0-w2", task="parity", strategy="powersgd", rank=2, seed=0, payload=100,
-              allreduce=1000, wire=100, eval_accs=[0.5, 0.6, 0.7, 0.7], compute_s=0.1)
-    write_run(root / "powersgd-r2-s1-w2", task="parity", strategy="powersgd", rank=2, seed=1, payload=100,
-              allreduce=1000, wire=100, eval_accs=[0.5, 0.55, 0.6, 0.7], compute_s=0.1)
+    write_run(
+        root / "allreduce-s0-w2",
+        task="parity",
+        strategy="allreduce",
+        rank=4,
+        seed=0,
+        payload=1000,
+        allreduce=1000,
+        wire=1000,
+        eval_accs=[0.5, 0.7, 0.85, 0.9],
+        compute_s=0.1,
+    )
+    write_run(
+        root / "allreduce-s1-w2",
+        task="parity",
+        strategy="allreduce",
+        rank=4,
+        seed=1,
+        payload=1000,
+        allreduce=1000,
+        wire=1000,
+        eval_accs=[0.5, 0.6, 0.75, 0.8],
+        compute_s=0.2,
+    )
+    write_run(
+        root / "powersgd-r2-s0-w2",
+        task="parity",
+        strategy="powersgd",
+        rank=2,
+        seed=0,
+        payload=100,
+        allreduce=1000,
+        wire=100,
+        eval_accs=[0.5, 0.6, 0.7, 0.7],
+        compute_s=0.1,
+    )
+    write_run(
+        root / "powersgd-r2-s1-w2",
+        task="parity",
+        strategy="powersgd",
+        rank=2,
+        seed=1,
+        payload=100,
+        allreduce=1000,
+        wire=100,
+        eval_accs=[0.5, 0.55, 0.6, 0.7],
+        compute_s=0.1,
+    )
     # listops: one run with FPSA iterations by nesting depth
-    write_run(root / "nested" / "dad-s0-w2", task="listops", strategy="dad", rank=4, seed=0, payload=500,
-              allreduce=1000, wire=500, eval_accs=[0.2, 0.4], compute_s=0.5,
-              iters_by_difficulty={"1": 3.0, "2": 4.5, "3": 7.0})
+    write_run(
+        root / "nested" / "dad-s0-w2",
+        task="listops",
+        strategy="dad",
+        rank=4,
+        seed=0,
+        payload=500,
+        allreduce=1000,
+        wire=500,
+        eval_accs=[0.2, 0.4],
+        compute_s=0.5,
+        iters_by_difficulty={"1": 3.0, "2": 4.5, "3": 7.0},
+    )
     # the same configuration measured by a sweep on a shaped link: a row of its own
-    write_run(root / "dad-s0-w2-10mbit", task="listops", strategy="dad", rank=4, seed=0, payload=500,
-              allreduce=1000, wire=500, eval_accs=[0.2, 0.3], compute_s=0.5, comm_s=0.4)
+    write_run(
+        root / "dad-s0-w2-10mbit",
+        task="listops",
+        strategy="dad",
+        rank=4,
+        seed=0,
+        payload=500,
+        allreduce=1000,
+        wire=500,
+        eval_accs=[0.2, 0.3],
+        compute_s=0.5,
+        comm_s=0.4,
+    )
     (root / "dad-s0-w2-10mbit" / "sweep.json").write_text(json.dumps({"strategy": "dad", "link_rate": "10mbit"}))
     # crashed runs: one never finished, one wrote a summary without the communication figures
     crashed = root / "rankdad-r2-s0-w2"
@@ -90,7 +189,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build(sweep_dir: Path, out: Path, target_acc: Optional[float] = None) -> Report:
+def build(sweep_dir: Path, out: Path, target_acc: float | None = None) -> Report:
     return make_report([str(sweep_dir)], out, target_acc, parse_link_rates(RATES.split(",")), log_wandb=False)
 
 
@@ -104,7 +203,7 @@ def table_for(report: Report, task: str) -> TaskTable:
     return table
 
 
-def row_for(table: TaskTable, strategy: str, link_rate: Optional[str] = None) -> Row:
+def row_for(table: TaskTable, strategy: str, link_rate: str | None = None) -> Row:
     (row,) = [r for r in table.rows if r.strategy == strategy and r.link_rate == link_rate]
     return row
 
@@ -119,8 +218,11 @@ def test_link_rates_parse_as_bits_per_second() -> None:
 
 
 def test_time_model() -> None:
-    rows = [{metric.STEP: 0, metric.VAL_ACC: 0.1}, {metric.STEP: 20, metric.VAL_ACC: 0.8},
-            {metric.STEP: 10, metric.VAL_ACC: 0.5}]
+    rows = [
+        {metric.STEP: 0, metric.VAL_ACC: 0.1},
+        {metric.STEP: 20, metric.VAL_ACC: 0.8},
+        {metric.STEP: 10, metric.VAL_ACC: 0.5},
+    ]
     assert steps_to_target(rows, 0.5) == 10
     assert steps_to_target(rows, 0.9) is None
     # 10 steps x (0.5 s compute + 2000 bytes / 1000 bytes/s)
@@ -205,11 +307,23 @@ def test_runs_on_shaped_links_are_rows_of_their_own(report: Report) -> None:
 
 
 def test_non_finite_values_are_read_back_as_floats(tmp_path: Path) -> None:
-    write_run(tmp_path / "run", task="parity", strategy="ddp", rank=4, seed=0, payload=1, allreduce=1, wire=1,
-              eval_accs=[0.5, 0.6], compute_s=0.1)
+    write_run(
+        tmp_path / "run",
+        task="parity",
+        strategy="ddp",
+        rank=4,
+        seed=0,
+        payload=1,
+        allreduce=1,
+        wire=1,
+        eval_accs=[0.5, 0.6],
+        compute_s=0.1,
+    )
     with (tmp_path / "run" / metric.METRICS_FILE).open("a") as metrics:  # how the trainer writes NaN and Inf
-        metrics.write(json.dumps({metric.STEP: 11, metric.TRAIN_LOSS: "nan", metric.GRAD_NORM: "inf",
-                                  metric.COMM_BYTES_CUM: 11}) + "\n")
+        metrics.write(
+            json.dumps({metric.STEP: 11, metric.TRAIN_LOSS: "nan", metric.GRAD_NORM: "inf", metric.COMM_BYTES_CUM: 11})
+            + "\n"
+        )
     loaded = load_run(tmp_path / "run")
     last = loaded.train_rows[-1]
     assert math.isnan(last[metric.TRAIN_LOSS]) and last[metric.GRAD_NORM] == math.inf
@@ -219,8 +333,9 @@ def test_plots_are_embedded_real_pngs(report: Report) -> None:
     out = report.path.parent
     expected = {f"parity_{name}.png" for name in ("accuracy_vs_bytes", "loss_vs_step", "time_to_target")}
     # only listops has FPSA iterations by difficulty; both tasks reach their default targets
-    expected |= {f"listops_{name}.png" for name in ("accuracy_vs_bytes", "loss_vs_step", "time_to_target",
-                                                    "fpsa_iterations")}
+    expected |= {
+        f"listops_{name}.png" for name in ("accuracy_vs_bytes", "loss_vs_step", "time_to_target", "fpsa_iterations")
+    }
     assert {p.name for p in out.glob("*.png")} == expected
     text = report.path.read_text()
     for name in expected:

@@ -1,8 +1,7 @@
 """The overlap scheduler against fake captures and a fake Comm: which layer launches when, in what order, and
 what it refuses. No process group, no model."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from dtrain.compression.scheduler import LayerScheduler
 
 
 class FakeCapture:
-    def __init__(self, name: str, first_call: Optional[int], rows: int, calls: int = 1) -> None:
+    def __init__(self, name: str, first_call: int | None, rows: int, calls: int = 1) -> None:
         self.name, self.first_call, self.forward_rows = name, first_call, rows
         self.pending = calls
         self.dense_grad_arrived = False

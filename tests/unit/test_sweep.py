@@ -1,4 +1,5 @@
 """dtrain sweep: grid expansion, validation, commands, resuming and failures, with a fake launcher."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,7 @@ import pytest
 from dtrain import sweep as sweep_mod
 from dtrain.config import STRATEGIES, ConfigError
 from dtrain.sweep import SweepPoint, add_arguments, load_sweep, run, run_logged
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.launch import ROOT
 
 
 def write_sweep(directory: Path, body: str, base: str = "model:\n  d_model: 16\ncomm:\n  rank: 3\n") -> Path:
@@ -49,8 +49,11 @@ class FakeLauncher:
 
 
 def test_grid_multiplies_only_compressed_strategies_by_rank(tmp_path: Path) -> None:
-    path = write_sweep(tmp_path, "base: base.yaml\nstrategies: [allreduce, powersgd, dad, rankdad]\n"
-                                 "ranks: [1, 2]\nseeds: [0, 1]\nworld_sizes: [2, 4]\n")
+    path = write_sweep(
+        tmp_path,
+        "base: base.yaml\nstrategies: [allreduce, powersgd, dad, rankdad]\n"
+        "ranks: [1, 2]\nseeds: [0, 1]\nworld_sizes: [2, 4]\n",
+    )
     sweep = load_sweep(path)
     names = [p.name for p in sweep.points]
     assert len(names) == 2 * 2 + 2 * 2 * 2 + 2 * 2 + 2 * 2 * 2 == len(set(names))  # seeds x sizes (x ranks)
@@ -67,11 +70,18 @@ def test_omitted_ranks_and_seeds_come_from_the_base_config(tmp_path: Path) -> No
 
 
 def test_set_accepts_dotted_and_nested_keys(tmp_path: Path) -> None:
-    path = write_sweep(tmp_path, "base: base.yaml\nstrategies: [allreduce]\nworld_sizes: [1]\n"
-                                 "set:\n  train.steps: 7\n  comm: {factor_dtype: bf16}\n  data.task: 's5'\n"
-                                 "  log.project: 'two words'\n")
-    assert load_sweep(path).overrides == ["train.steps=7", "comm.factor_dtype=bf16", "data.task=s5",
-                                          'log.project=two words']
+    path = write_sweep(
+        tmp_path,
+        "base: base.yaml\nstrategies: [allreduce]\nworld_sizes: [1]\n"
+        "set:\n  train.steps: 7\n  comm: {factor_dtype: bf16}\n  data.task: 's5'\n"
+        "  log.project: 'two words'\n",
+    )
+    assert load_sweep(path).overrides == [
+        "train.steps=7",
+        "comm.factor_dtype=bf16",
+        "data.task=s5",
+        "log.project=two words",
+    ]
 
 
 def test_base_is_found_next_to_the_sweep_file_or_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,25 +96,38 @@ def test_base_is_found_next_to_the_sweep_file_or_in_the_cwd(tmp_path: Path, monk
         load_sweep(path)
 
 
-@pytest.mark.parametrize("body, message", [
-    ("base: base.yaml\nstrategies: [allreduce]\nworld_sizes: [2]\nseed: [1]\n",
-     r"unknown key 'seed' \(allowed: base, set, strategies, ranks, seeds, world_sizes, link_rates, out\)"),
-    ("base: base.yaml\nstrategies: [allreduce, topk]\nworld_sizes: [2]\n",
-     "unknown strategy 'topk'; allowed: " + ", ".join(STRATEGIES)),
-    ("base: base.yaml\nworld_sizes: [2]\n", "missing key 'strategies'"),
-    ("base: base.yaml\nstrategies: []\nworld_sizes: [2]\n", "strategies: .* is invalid"),
-    ("base: base.yaml\nstrategies: [powersgd]\nranks: [0]\nworld_sizes: [2]\n", r"ranks\.0: 0 is invalid"),
-    ("base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2]\nset: {train.stepz: 3}\n",
-     "unknown config key 'train.stepz'"),
-    ("base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2]\nset: {comm.strategy: dad}\n",
-     r"comm.strategy is set for each run by the sweep \(strategies\)"),
-    ("base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2]\nlink_rates: [10mbps]\n", "link rate '10mbps'"),
-    ("base: nowhere.yaml\nstrategies: [ddp]\nworld_sizes: [2]\n", "base config 'nowhere.yaml' not found"),
-    ("base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2, 3]\nset: {train.batch_size: 8}\n",
-     r"\(run ddp-s0-w3\): train.batch_size=8 is not divisible by the world size 3"),
-    ("base: base.yaml\nstrategies: [ddp\n", "malformed YAML at line"),
-    ("- base.yaml\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "base: base.yaml\nstrategies: [allreduce]\nworld_sizes: [2]\nseed: [1]\n",
+            r"unknown key 'seed' \(allowed: base, set, strategies, ranks, seeds, world_sizes, link_rates, out\)",
+        ),
+        (
+            "base: base.yaml\nstrategies: [allreduce, topk]\nworld_sizes: [2]\n",
+            "unknown strategy 'topk'; allowed: " + ", ".join(STRATEGIES),
+        ),
+        ("base: base.yaml\nworld_sizes: [2]\n", "missing key 'strategies'"),
+        ("base: base.yaml\nstrategies: []\nworld_sizes: [2]\n", "strategies: .* is invalid"),
+        ("base: base.yaml\nstrategies: [powersgd]\nranks: [0]\nworld_sizes: [2]\n", r"ranks\.0: 0 is invalid"),
+        (
+            "base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2]\nset: {train.stepz: 3}\n",
+            "unknown config key 'train.stepz'",
+        ),
+        (
+            "base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2]\nset: {comm.strategy: dad}\n",
+            r"comm.strategy is set for each run by the sweep \(strategies\)",
+        ),
+        ("base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2]\nlink_rates: [10mbps]\n", "link rate '10mbps'"),
+        ("base: nowhere.yaml\nstrategies: [ddp]\nworld_sizes: [2]\n", "base config 'nowhere.yaml' not found"),
+        (
+            "base: base.yaml\nstrategies: [ddp]\nworld_sizes: [2, 3]\nset: {train.batch_size: 8}\n",
+            r"\(run ddp-s0-w3\): train.batch_size=8 is not divisible by the world size 3",
+        ),
+        ("base: base.yaml\nstrategies: [ddp\n", "malformed YAML at line"),
+        ("- base.yaml\n", "expected a mapping"),
+    ],
+)
 def test_bad_sweep_files_are_config_errors(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_sweep(write_sweep(tmp_path, body))
@@ -112,8 +135,11 @@ def test_bad_sweep_files_are_config_errors(tmp_path: Path, body: str, message: s
 
 def test_point_configs_are_validated_before_anything_runs(tmp_path: Path) -> None:
     # the base alone is valid (allreduce), but ZeRO-2 rules out custom strategies such as powersgd
-    path = write_sweep(tmp_path, "base: base.yaml\nstrategies: [allreduce, powersgd]\nworld_sizes: [2]\n",
-                       base="train:\n  engine: deepspeed\n  zero_stage: 2\n")
+    path = write_sweep(
+        tmp_path,
+        "base: base.yaml\nstrategies: [allreduce, powersgd]\nworld_sizes: [2]\n",
+        base="train:\n  engine: deepspeed\n  zero_stage: 2\n",
+    )
     with pytest.raises(ConfigError, match=r"\(run powersgd-r4-s0-w2\): train.zero_stage=2"):
         load_sweep(path)
 
@@ -124,8 +150,10 @@ def test_missing_sweep_file(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_commands_and_marks_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = write_sweep(tmp_path, "base: base.yaml\nstrategies: [allreduce, powersgd]\nranks: [2]\n"
-                                 "world_sizes: [2]\nset: {train.steps: 5}\n")
+    path = write_sweep(
+        tmp_path,
+        "base: base.yaml\nstrategies: [allreduce, powersgd]\nranks: [2]\nworld_sizes: [2]\nset: {train.steps: 5}\n",
+    )
     out = tmp_path / "out"
     (out / "allreduce-s0-w2").mkdir(parents=True)
     (out / "allreduce-s0-w2" / "summary.json").write_text("{}")
@@ -137,14 +165,22 @@ def test_dry_run_prints_commands_and_marks_finished_runs(tmp_path: Path, capsys:
     assert argv[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     assert argv[6:11] == ["-m", "dtrain", "train", "--config", str(tmp_path / "base.yaml")]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    assert sets == ["train.steps=5", "comm.strategy=powersgd", "comm.rank=2", "train.seed=0",
-                    f"run.dir={out / 'powersgd-r2-s0-w2'}", "log.wandb=disabled", "log.progress=false"]
+    assert sets == [
+        "train.steps=5",
+        "comm.strategy=powersgd",
+        "comm.rank=2",
+        "train.seed=0",
+        f"run.dir={out / 'powersgd-r2-s0-w2'}",
+        "log.wandb=disabled",
+        "log.progress=false",
+    ]
     assert not (out / "powersgd-r2-s0-w2").exists()  # a dry run creates nothing
 
 
 def test_sweep_resumes_and_reports_failures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    path = write_sweep(tmp_path, "base: base.yaml\nstrategies: [allreduce, powersgd, rankdad]\nranks: [2]\n"
-                                 "world_sizes: [2]\n")
+    path = write_sweep(
+        tmp_path, "base: base.yaml\nstrategies: [allreduce, powersgd, rankdad]\nranks: [2]\nworld_sizes: [2]\n"
+    )
     out = tmp_path / "out"
     args = parse([str(path), "--out", str(out), "--wandb", "disabled"])
     first = FakeLauncher(fail=("powersgd-r2-s0-w2",))
@@ -159,7 +195,7 @@ def test_sweep_resumes_and_reports_failures(tmp_path: Path, capsys: pytest.Captu
 
     second = FakeLauncher()
     assert run(args, second) == 0
-    assert [Path(c[c.index("--set") + 1:][0]) for c in second.commands]  # only the failed run again:
+    assert [Path(c[c.index("--set") + 1 :][0]) for c in second.commands]  # only the failed run again:
     assert len(second.commands) == 1 and "comm.strategy=powersgd" in second.commands[0]
     assert "1 trained, 2 already done, 0 failed" in capsys.readouterr().out
 
@@ -170,10 +206,10 @@ def test_a_run_without_summary_is_a_failure(tmp_path: Path) -> None:
     assert run(parse([str(path), "--out", str(tmp_path / "out")]), launcher) == 1
 
 
-def test_link_rates_need_the_netns_cluster_and_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    path = write_sweep(tmp_path, "base: base.yaml\nstrategies: [dad]\nworld_sizes: [2]\n"
-                                 "link_rates: [10mbit, 1gbit]\n")
+def test_link_rates_need_the_netns_cluster_and_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    path = write_sweep(tmp_path, "base: base.yaml\nstrategies: [dad]\nworld_sizes: [2]\nlink_rates: [10mbit, 1gbit]\n")
     args = parse([str(path), "--out", str(tmp_path / "out")])
     monkeypatch.setattr(sweep_mod, "NETNS_CLUSTER", tmp_path / "launch" / "netns_cluster")
     with pytest.raises(ConfigError, match="netns cluster script, which is missing"):
@@ -187,8 +223,19 @@ def test_link_rates_need_the_netns_cluster_and_root(tmp_path: Path, monkeypatch:
     launcher = FakeLauncher()
     assert run(args, launcher) == 0
     assert [c[:9] for c in launcher.commands] == [
-        [str(tmp_path / "launch" / "netns_cluster"), "--hosts", "2", "--nproc-per-host", "1", "--rate", rate, "--",
-         "--config"] for rate in ("10mbit", "1gbit")]
+        [
+            str(tmp_path / "launch" / "netns_cluster"),
+            "--hosts",
+            "2",
+            "--nproc-per-host",
+            "1",
+            "--rate",
+            rate,
+            "--",
+            "--config",
+        ]
+        for rate in ("10mbit", "1gbit")
+    ]
     assert (tmp_path / "out" / "dad-s0-w2-10mbit" / "summary.json").is_file()
 
 
@@ -200,49 +247,8 @@ def test_run_logged_captures_output_and_status(tmp_path: Path) -> None:
 
 
 def test_shipped_sweeps_are_valid() -> None:
-    if not (REPO / "configs" / "quickstart.yaml").is_file():
-        pytest.skip("configs/quickstart.yaml (the base of the shipped sweeps) is not written yet")
-    quick = load_sweep(REPO / "configs" / "sweeps" / "quick.yaml")
+    quick = load_sweep(ROOT / "configs" / "sweeps" / "quick.yaml")
     assert [p.strategy for p in quick.points] == list(STRATEGIES)
     assert {p.world_size for p in quick.points} == {2}
-    full = load_sweep(REPO / "configs" / "sweeps" / "full.yaml")
+    full = load_sweep(ROOT / "configs" / "sweeps" / "full.yaml")
     assert len(full.points) > len(quick.points)
-
-
-def report_on(out: Path, report_dir: Path) -> str:
-    from dtrain.report import add_arguments as report_arguments, run as report_run
-
-    parser = argparse.ArgumentParser()
-    report_arguments(parser)
-    assert report_run(parser.parse_args([str(out), "--out", str(report_dir), "--wandb", "disabled"])) == 0
-    return (report_dir / "report.md").read_text()
-
-
-@pytest.mark.slow
-def test_sweep_end_to_end_and_report(tmp_path: Path) -> None:
-    """Two real 2-process runs of the test suite's tiny config, then a report over them."""
-    path = tmp_path / "e2e.yaml"
-    path.write_text(f"base: {REPO / 'tests' / 'configs' / 'tiny.yaml'}\nstrategies: [allreduce, powersgd]\n"
-                    "ranks: [2]\nworld_sizes: [2]\n")
-    out = tmp_path / "out"
-    assert run(parse([str(path), "--out", str(out), "--wandb", "disabled"])) == 0
-    text = report_on(out, tmp_path / "report")
-    assert "| allreduce | — | 2 | 1 |" in text and "| powersgd | 2 | 2 | 1 |" in text
-
-
-def _netns_available() -> bool:
-    return sweep_mod.os.geteuid() == 0 and shutil.which("ip") is not None and sweep_mod.NETNS_CLUSTER.is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.root
-@pytest.mark.skipif(not _netns_available(), reason="needs root, iproute2 and launch/netns_cluster")
-def test_sweep_on_a_shaped_link(tmp_path: Path) -> None:
-    path = tmp_path / "netns.yaml"
-    path.write_text(f"base: {REPO / 'tests' / 'configs' / 'tiny.yaml'}\nstrategies: [rankdad]\nranks: [2]\n"
-                    "world_sizes: [2]\nlink_rates: [10mbit]\n")
-    out = tmp_path / "out"
-    assert run(parse([str(path), "--out", str(out), "--wandb", "disabled"])) == 0
-    assert (out / "rankdad-r2-s0-w2-10mbit.netns.json").is_file()
-    text = report_on(out, tmp_path / "report")
-    assert "| rankdad | 2 | 2 | 10mbit | 1 |" in text

@@ -1,0 +1,48 @@
+"""Checkpoints whose model and optimizer state an engine stores itself (as DeepSpeed's does): the state is in the
+manifest, and its format and partitioning are checked before a load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+class _FakeEngine:
+    """An engine that stores model + optimizer itself, in a subdirectory (as DeepSpeed's does)."""
+
+    state_format = "fake"
+
+    def __init__(self) -> None:
+        self.loaded = None
+
+    def save_state(self, directory: Path) -> None:
+        (directory / "fake" / "part").mkdir(parents=True)
+        (directory / "fake" / "part" / "optim.bin").write_bytes(b"partition")
+
+    def load_state(self, directory: Path) -> None:
+        self.loaded = (directory / "fake" / "part" / "optim.bin").read_bytes()
+
+
+def test_engine_owned_state_is_in_the_manifest_and_its_format_is_checked(tmp_path: Path):
+    import torch
+
+    from dtrain.checkpoint import Checkpointer, verify
+    from dtrain.config import ConfigError
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(tmp_path, rank=0, world_size=1)
+    path = ckpt.save(3, model, opt, {"x": 1}, {"scheduler": {}}, engine=_FakeEngine())
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["state_format"] == "fake" and set(meta["manifest"]) == {"fake/part/optim.bin", "rank0.pt"}
+    assert verify(path) is None and ckpt.latest_valid() == path
+    engine = _FakeEngine()
+    assert ckpt.load(path, model, opt, engine=engine)[1] == {"x": 1} and engine.loaded == b"partition"
+    with pytest.raises(ConfigError, match="stores model and optimizer as 'fake', this run needs 'dcp'"):
+        ckpt.load(path, model, opt)
+    with pytest.raises(ConfigError, match="partitioned over 1 ranks .* not 2"):
+        Checkpointer(tmp_path, rank=0, world_size=2).load(path, model, opt, engine=engine)
+    (path / "fake" / "part" / "optim.bin").write_bytes(b"partitioN")  # a nested file is covered too
+    assert verify(path) == "fake/part/optim.bin checksum mismatch"
