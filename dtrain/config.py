@@ -82,11 +82,24 @@ class DataConfig(_Section):
     max_depth: int = Field(3, ge=1, le=10, description="listops: deepest nesting (the difficulty)")
     n_val: int = Field(512, ge=1)
     seed: int = 0
+    workers: int = Field(
+        1,
+        ge=0,
+        description="DataLoader worker processes per rank that build the training batches ahead of the step; "
+        "0 builds each batch in the training process, on the critical path",
+    )
+    prefetch: int = Field(2, ge=1, description="batches each worker keeps ready (DataLoader prefetch_factor)")
 
 
 class TrainConfig(_Section):
     steps: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1, description="GLOBAL batch over all ranks")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="micro-batches per step: each rank's batch_size/world_size examples go through this many "
+        "forward/backward passes, then one gradient synchronisation and one optimizer step",
+    )
     lr: float = Field(1e-3, gt=0.0)
     seed: int = 0
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -310,6 +323,13 @@ def dump_config(cfg: Config) -> str:
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
-    """The global batch splits evenly over the ranks (each rank takes B/S examples of every step)."""
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world_size}")
+    """The global batch splits evenly over the ranks and each rank's share into train.grad_accum micro-batches
+    (each rank takes B/S examples of every step, in micro-batches of B/(S x grad_accum))."""
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    if accum == 1 and batch % world_size:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by the world size {world_size}")
+    if batch % (world_size * accum):
+        raise ConfigError(
+            f"train.batch_size={batch} is not divisible by the world size {world_size} x train.grad_accum={accum} "
+            f"(= {world_size * accum}): each rank's share must split into equal micro-batches"
+        )

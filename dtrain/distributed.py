@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,31 @@ def shutdown() -> None:
 # below: small control messages (flags, eval sums, checkpoint choice, replica checksums). Each is a no-op, or
 # the identity, at world size 1 and without a process group. A test (tests/unit/test_collective_gate.py) keeps
 # every other module from calling torch.distributed collectives itself.
+#
+# Control bytes: each of them charges its payload (elements x element size of every tensor this rank hands to
+# the collective, as compression.Comm counts gradient payload) to a per-process counter that the trainer takes
+# once per step (`take_control_bytes`, logged as comm/control_bytes). A barrier carries no payload (0 bytes).
+# Collectives that run inside other libraries but whose size is known (DeepSpeed ZeRO-1's parameter all-gather)
+# are charged with `count_control_bytes`.
+
+_control_bytes = 0
+
+
+def count_control_bytes(nbytes: int) -> None:
+    """Charge `nbytes` of control payload sent by a collective outside this module (its size known)."""
+    global _control_bytes
+    _control_bytes += int(nbytes)
+
+
+def take_control_bytes() -> int:
+    """Control payload this process handed to collectives since the last call; restarts the count."""
+    global _control_bytes
+    taken, _control_bytes = _control_bytes, 0
+    return taken
+
+
+def _charge(t: torch.Tensor) -> None:
+    count_control_bytes(t.numel() * t.element_size())
 
 
 def group_world_size() -> int:
@@ -117,6 +143,7 @@ def _in_place_on_collective_device(t: torch.Tensor, collective: Callable[[torch.
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
     if group_world_size() == 1:
         return t
+    _charge(t)
     return _in_place_on_collective_device(t, lambda x: dist.all_reduce(x, op=op))
 
 
@@ -139,17 +166,33 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `t` with rank `src`'s `t`; returns `t`."""
     if group_world_size() == 1:
         return t
+    _charge(t)
     return _in_place_on_collective_device(t, lambda x: dist.broadcast(x, src=src))
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's picklable `obj`, in rank order ([obj] at world size 1). torch picks the object collective's
-    device from the backend itself."""
-    if group_world_size() == 1:
+    """Every rank's picklable `obj`, in rank order ([obj] at world size 1).
+
+    As torch's all_gather_object, but with its payload counted: the pickled sizes travel first (one int64 per
+    rank), then every rank's pickle padded to the largest, as uint8 tensors on the backend's device."""
+    world = group_world_size()
+    if world == 1:
         return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    device = _collective_device()
+    data = pickle.dumps(obj)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    _charge(size)
+    dist.all_gather(sizes, size)
+    lengths = [int(n) for n in torch.cat(sizes).tolist()]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8)
+    if data:
+        padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    padded = padded.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    _charge(padded)
+    dist.all_gather(parts, padded)
+    return [pickle.loads(part[:n].cpu().numpy().tobytes()) for part, n in zip(parts, lengths)]
 
 
 def barrier() -> None:

@@ -9,6 +9,7 @@ not rename). Per-layer names are templates, filled with `.format(layer=...)`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -30,7 +31,9 @@ COMM_BYTES_CUM = "comm/bytes_cum"  # also in eval rows: the communication axis o
 COMM_BYTES_RECV = "comm/bytes_recv"
 COMM_WIRE_BYTES = "comm/wire_bytes"
 COMM_TIME_S = "comm/time_s"
+COMM_CONTROL_BYTES = "comm/control_bytes"  # payload of this step's control collectives (not gradient sync)
 TIME_STEP_S = "time/step_s"
+TIME_DATA_WAIT_S = "time/data_wait_s"  # the part of time/step_s spent waiting for this step's batch
 LR = "lr"
 GRAD_NORM = "grad_norm"
 SKIPPED = "skipped"
@@ -74,7 +77,13 @@ COMM_BYTES_TOTAL = "comm/bytes_total"
 COMM_BYTES_PER_STEP = "comm/bytes_per_step"
 COMM_WIRE_BYTES_PER_STEP = "comm/wire_bytes_per_step"
 COMM_ALLREDUCE_BYTES_PER_STEP = "comm/allreduce_bytes_per_step"
-COMPRESSION_RATIO = "compression_ratio"
+COMPRESSION_RATIO = "compression_ratio"  # = COMM_PAYLOAD_RATIO, kept for compatibility
+COMM_PAYLOAD_RATIO = "comm/payload_ratio"
+COMM_WIRE_RATIO = "comm/wire_ratio"
+COMM_ALLREDUCE_WIRE_BYTES_PER_STEP = "comm/allreduce_wire_bytes_per_step"
+COMM_CONTROL_BYTES_PER_STEP = "comm/control_bytes_per_step"
+TIME_DATA_WAIT_S_MEAN = "time/data_wait_s_mean"
+GRAD_ACCUM = "grad_accum"
 COMM_TIME_PER_STEP_S = "comm/time_per_step_s"
 TIME_STEP_S_MEAN = "time/step_s_mean"
 TIME_COMPUTE_S_PER_STEP = "time/compute_s_per_step"
@@ -119,6 +128,34 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def ring_allreduce_wire_bytes(payload: float, world_size: int) -> float:
+    """Bytes a ring all-reduce of `payload` bytes puts on each rank's link: 2(S-1)/S x payload (0 at S = 1)."""
+    return 2.0 * (world_size - 1) / world_size * payload
+
+
+def wire_ratio(reference_wire: float, wire: float) -> float | None:
+    """reference ÷ this run's wire bytes per step: inf when the run put nothing on the wire but the reference
+    would have, None when neither puts anything on a wire (world size 1: no link, no ratio)."""
+    if wire > 0:
+        return reference_wire / wire
+    return float("inf") if reference_wire > 0 else None
+
+
+def describe_wire_ratio(ratio: float | None, world_size: int) -> str:
+    """'12.3x fewer wire bytes than fp32 ring all-reduce at world size 4' (or 'as many ... as', '2.0x MORE');
+    `ratio` as `wire_ratio` returns it."""
+    reference = f"fp32 ring all-reduce at world size {world_size}"
+    if ratio is None:
+        return f"no wire bytes, as {reference} (one rank: nothing crosses a link)"
+    if math.isinf(ratio):
+        return f"no wire bytes, against {reference}"
+    if round(ratio, 1) == 1.0:
+        return f"as many wire bytes as {reference}"
+    if ratio > 1:
+        return f"{ratio:.1f}x fewer wire bytes than {reference}"
+    return f"{1 / ratio:.1f}x MORE wire bytes than {reference}"
 
 
 class MetricsLineError(ValueError):

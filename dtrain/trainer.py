@@ -7,11 +7,20 @@ World-size invariance: at step t the global batch is examples [t*B, (t+1)*B) of 
 the world size, rank r takes the contiguous slice r*B/S ... (r+1)*B/S, and each rank's loss is its summed loss
 divided by (B/S x targets per example). The strategies average over ranks, so every rank ends up with the
 gradient of the global-batch mean loss, exactly as a single process would.
+
+Gradient accumulation (`train.grad_accum: N`): rank r's slice is split into N contiguous micro-batches of
+B/(S N) examples. Each micro-batch's summed loss is divided by the same B/S x targets per example, so the N
+backward passes add up to the gradient of the rank's mean loss over its B/S examples; the first N-1 run inside
+`strategy.no_sync()`, then one `strategy.synchronize()` and one optimizer step. So (S ranks, accum N) trains
+the same model as (S N ranks, accum 1), to fp32 rounding.
+
+The batches come from a DataLoader (`dtrain.data.loader`, `data.workers` processes building them ahead), and
+`time/step_s` runs from the moment the step asks for its batch: `time/data_wait_s` is the part spent waiting.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 import sys
 import time
@@ -27,6 +36,7 @@ from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .compression import build_strategy, fp32_allreduce_bytes
 from .config import Config, ConfigError, check_world_size
 from .data import build_task
+from .data.loader import TrainLoader, micro_batches
 from .distributed import (
     DistEnv,
     Heartbeat,
@@ -35,9 +45,17 @@ from .distributed import (
     all_ranks_agree,
     all_reduce_sum,
     is_comm_failure,
+    take_control_bytes,
 )
 from .engine import build_engine
-from .metrics import example_iterations, format_bytes, step_statistics
+from .metrics import (
+    describe_wire_ratio,
+    example_iterations,
+    format_bytes,
+    ring_allreduce_wire_bytes,
+    step_statistics,
+    wire_ratio,
+)
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .replicas import ReplicaMismatch, check_replicas
@@ -49,13 +67,16 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, targets_per_example: int) -> torch.Tensor:
+def loss_fn(
+    logits: torch.Tensor, targets: torch.Tensor, targets_per_example: int, examples: int | None = None
+) -> torch.Tensor:
     """Summed cross-entropy over target positions / (examples x targets per example): the per-rank share of
-    the global mean, independent of how the batch is split."""
+    the global mean, independent of how the batch is split. `examples` defaults to this batch's; a micro-batch
+    passes its rank's whole share (B/S), so the micro-batches' losses add up to the rank's mean."""
     total = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
-    return total / (targets.shape[0] * targets_per_example)
+    return total / ((targets.shape[0] if examples is None else examples) * targets_per_example)
 
 
 def _split(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -124,8 +145,15 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
     )
 
 
-def _grads_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+def _nonfinite(loss: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """1.0 if the loss or any gradient holds a NaN or Inf, else 0.0: a float64 scalar on the loss's device,
+    computed without a host sync. The gradients are checked together through their max-abs norms (one fused
+    `_foreach_norm`): NaN and ±Inf propagate through a max, and a max of finite values never overflows."""
+    values = [loss.detach().reshape(1).float()]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        values.append(torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))]))
+    return (~torch.isfinite(torch.cat(values)).all()).double()
 
 
 class Trainer:
@@ -134,6 +162,8 @@ class Trainer:
         B, S = cfg.train.batch_size, env.world_size
         check_world_size(cfg, S)
         self.local_batch = B // S
+        self.grad_accum = cfg.train.grad_accum
+        self.loader: TrainLoader | None = None
         self.path = default_run_dir(cfg, config_path, S)
         ok = True
         if env.is_main:
@@ -160,6 +190,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1_000_003 + env.rank + 1)
         self.heartbeat = Heartbeat(env)
         self.allreduce_bytes = fp32_allreduce_bytes(self.model)
+        self.allreduce_wire_bytes = ring_allreduce_wire_bytes(self.allreduce_bytes, S)
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def say(self, msg: str) -> None:
@@ -206,7 +237,17 @@ class Trainer:
         self.rundir.open(cfg, resume=start > 0)
         if start > 0:
             self.rundir.truncate_metrics_after(start)
-        totals = {"bytes": 0.0, "wire": 0.0, "comm_s": 0.0, "step_s": 0.0, "steps_timed": 0.0, "skipped": 0.0, **totals}
+        totals = {
+            "bytes": 0.0,
+            "wire": 0.0,
+            "control": 0.0,
+            "comm_s": 0.0,
+            "step_s": 0.0,
+            "data_s": 0.0,
+            "steps_timed": 0.0,
+            "skipped": 0.0,
+            **totals,
+        }
         tracker = Tracker(cfg.log.wandb, self.path, cfg.log.project, self.path.name, cfg.to_dict(), env.is_main)
         if start == 0:
             self.say(
@@ -226,6 +267,17 @@ class Trainer:
         last_eval: EvalResult | None = None
         step = start
         try:
+            self.loader = TrainLoader(
+                self.task,
+                cfg.train.batch_size,
+                env.world_size,
+                env.rank,
+                start,
+                cfg.train.steps,
+                workers=cfg.data.workers,
+                prefetch=cfg.data.prefetch,
+                device=env.device,
+            )
             for step in range(start, cfg.train.steps):
                 self.heartbeat.beat(step + 1)
                 row = self._train_step(step, totals)
@@ -233,25 +285,38 @@ class Trainer:
                     self._log_plan()
                     plan_logged = True
                 done = step + 1
+                final = done == cfg.train.steps
                 faults.fire("train", done, env.rank, self.model)
-                if done % cfg.log.every == 0 or done == cfg.train.steps:
-                    self.rundir.log(row)
-                    tracker.log(row)
-                if self._due(cfg.eval.every, done):
-                    last_eval = self._eval_row(done, totals, tracker)
-                if self._due(cfg.checkpoint.every, done):
-                    self._save(done, totals)
+                # evaluation and the replica check run before the step's row is written, so their control
+                # traffic is charged to this step; the checkpoint is saved after it (the row must be on disk
+                # before a checkpoint at this step exists), so its (barrier-only) traffic goes to the next row
+                ev = evaluate(self.model, self.task, cfg, env) if final or self._due(cfg.eval.every, done) else None
                 if self._due(cfg.train.consistency_every, done):
                     check_replicas(self.model)
+                control = take_control_bytes()
+                totals["control"] += control
+                row[metrics.COMM_CONTROL_BYTES] = control
+                if done % cfg.log.every == 0 or final:
+                    self.rundir.log(row)
+                    tracker.log(row)
+                if ev is not None:
+                    last_eval = self._eval_row(ev, done, totals, tracker)
+                if self._due(cfg.checkpoint.every, done):
+                    self._save(done, totals)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{row[metrics.TRAIN_LOSS]:.4f}",
                     sent=format_bytes(row[metrics.COMM_BYTES_SENT]) + "/step",
                     refresh=False,
                 )
-            last_eval = self._eval_row(cfg.train.steps, totals, tracker)
+            self.loader.close()
+            if last_eval is None:  # resumed at the last step: nothing left to train, evaluate the model as it is
+                last_eval = self._eval_row(evaluate(self.model, self.task, cfg, env), cfg.train.steps, totals, tracker)
             self._save(cfg.train.steps, totals)
+            totals["control"] += take_control_bytes()
         except BaseException as err:
+            if self.loader is not None:
+                self.loader.close()
             self.heartbeat.close()
             bar.close()
             tracker.finish()
@@ -270,7 +335,7 @@ class Trainer:
         self.rundir.write_summary(summary)
         tracker.finish(summary)
         self.rundir.close()
-        ratio = summary[metrics.COMPRESSION_RATIO]
+        ratio = summary[metrics.COMM_PAYLOAD_RATIO]
         versus = (
             "as many bytes as"
             if round(ratio, 1) == 1.0
@@ -281,6 +346,8 @@ class Trainer:
         self.say(
             f"done: {cfg.train.steps} steps | val acc {summary[metrics.FINAL_VAL_ACC]:.4f} | "
             f"{format_bytes(summary[metrics.COMM_BYTES_PER_STEP])}/step sent ({versus} fp32 all-reduce) | "
+            f"{format_bytes(summary[metrics.COMM_WIRE_BYTES_PER_STEP])}/step on the wire "
+            f"({describe_wire_ratio(summary[metrics.COMM_WIRE_RATIO], env.world_size)}) | "
             f"{summary[metrics.WALL_S]:.1f} s | {self.path}"
         )
         self.strategy.close()
@@ -289,42 +356,65 @@ class Trainer:
 
     def _train_step(self, step: int, totals: dict[str, float]) -> dict[str, Any]:
         cfg, env, task = self.cfg, self.env, self.task
-        B, n = cfg.train.batch_size, self.local_batch
-        b = task.batch("train", step * B + env.rank * n, n)
+        assert self.loader is not None
         t0 = time.perf_counter()
-        logits = self.engine.forward(b.tokens.to(env.device), b.mask.to(env.device))
-        loss = loss_fn(logits, b.targets.to(env.device), task.spec.targets_per_example)
-        loss = faults.corrupt_loss(loss, step + 1, env.rank)
-        self.engine.backward(loss)
+        batch = self.loader.next().to(env.device)
+        data_s = time.perf_counter() - t0
+        micro = micro_batches(batch, self.grad_accum)
+        loss_sum: torch.Tensor | None = None
+        for j, mb in enumerate(micro):
+            # every micro-batch but the last only accumulates; the last one's backward may start the sync
+            with self.strategy.no_sync() if j < len(micro) - 1 else contextlib.nullcontext():
+                logits = self.engine.forward(mb.tokens, mb.mask)
+                examples = self.local_batch if len(micro) > 1 else None
+                loss = loss_fn(logits, mb.targets, task.spec.targets_per_example, examples)
+                loss = faults.corrupt_loss(loss, step + 1, env.rank)
+                self.engine.backward(loss)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        assert loss_sum is not None
         stats = self.strategy.synchronize()
         # One small all-reduce: the global mean loss for the log, and whether any rank saw NaN/Inf, so all
-        # ranks take the same decision and no rank ever applies a partial update.
-        finite = math.isfinite(loss.item()) and _grads_finite(self.model)
-        flags = all_reduce_sum(torch.tensor([loss.item(), 0.0 if finite else 1.0], dtype=torch.float64))
-        global_loss, bad = flags[0].item() / env.world_size, flags[1].item() > 0
+        # ranks take the same decision and no rank ever applies a partial update. It is built on the device
+        # without a host sync, and the gradient norm for clipping is computed before it (the synchronised
+        # gradient is the same on every rank), so one `tolist()` reads the loss, the flag and the norm: the
+        # trainer's only host sync of the step.
+        flags = all_reduce_sum(torch.stack([loss_sum.double().reshape(()), _nonfinite(loss_sum, self.model)]))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        total_norm = (
+            torch.nn.utils.get_total_norm([p.grad for p in params]) if cfg.train.grad_clip > 0 and params else None
+        )
+        if total_norm is None:
+            loss_total, bad_ranks = flags.tolist()
+            norm = float("nan")
+        else:
+            loss_total, bad_ranks, norm = torch.cat([flags, total_norm.reshape(1).to(flags)]).tolist()
+        global_loss, bad = loss_total / env.world_size, bad_ranks > 0
         grad_norm = float("nan")
         if bad:
             totals["skipped"] += 1
             if cfg.train.nan_policy == "stop":
                 raise NonFiniteLoss(
-                    f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} "
+                    f"step {step + 1}: non-finite loss or gradient on {int(bad_ranks)} "
                     "rank(s); stopping (train.nan_policy=stop)"
                 )
             self.say(
-                f"step {step + 1}: non-finite loss or gradient on {int(flags[1].item())} rank(s); "
+                f"step {step + 1}: non-finite loss or gradient on {int(bad_ranks)} rank(s); "
                 "all ranks skip this update (train.nan_policy=skip)"
             )
             self.engine.zero_grad()
             self.scheduler.step()
         else:
-            if cfg.train.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
+            if total_norm is not None:
+                # = clip_grad_norm_ (which is get_total_norm, then this), with the norm read above
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.train.grad_clip, total_norm)
+                grad_norm = norm
             self.engine.step()
         step_s = time.perf_counter() - t0
         totals["bytes"] += stats.bytes_sent
         totals["wire"] += stats.wire_bytes
         totals["comm_s"] += stats.time_s
         totals["step_s"] += step_s
+        totals["data_s"] += data_s
         totals["steps_timed"] += 1
         row: dict[str, Any] = {
             metrics.STEP: step + 1,
@@ -335,6 +425,7 @@ class Trainer:
             metrics.COMM_WIRE_BYTES: stats.wire_bytes,
             metrics.COMM_TIME_S: stats.time_s,
             metrics.TIME_STEP_S: step_s,
+            metrics.TIME_DATA_WAIT_S: data_s,
             metrics.LR: self.optimizer.param_groups[0]["lr"],
             metrics.GRAD_NORM: grad_norm,
             metrics.SKIPPED: bad,
@@ -343,8 +434,7 @@ class Trainer:
         row.update(stats.extra)
         return row
 
-    def _eval_row(self, step: int, totals: dict[str, float], tracker: Tracker) -> EvalResult:
-        res = evaluate(self.model, self.task, self.cfg, self.env)
+    def _eval_row(self, res: EvalResult, step: int, totals: dict[str, float], tracker: Tracker) -> EvalResult:
         row: dict[str, Any] = {
             metrics.STEP: step,
             metrics.VAL_LOSS: res.loss,
@@ -362,6 +452,8 @@ class Trainer:
         steps = cfg.train.steps
         timed = max(totals["steps_timed"], 1)
         per_step = totals["bytes"] / steps
+        wire_per_step = totals["wire"] / steps
+        payload_ratio = self.allreduce_bytes / per_step if per_step else float("inf")
         summary: dict[str, Any] = {
             metrics.PARAMS: self.params,
             metrics.WORLD_SIZE: self.env.world_size,
@@ -372,15 +464,21 @@ class Trainer:
             metrics.COMM_RANK: cfg.comm.rank,
             metrics.SEED: cfg.train.seed,
             metrics.ENGINE: cfg.train.engine,
+            metrics.GRAD_ACCUM: cfg.train.grad_accum,
             metrics.FINAL_VAL_ACC: ev.acc if ev else float("nan"),
             metrics.FINAL_VAL_LOSS: ev.loss if ev else float("nan"),
             metrics.COMM_BYTES_TOTAL: int(totals["bytes"]),
             metrics.COMM_BYTES_PER_STEP: per_step,
-            metrics.COMM_WIRE_BYTES_PER_STEP: totals["wire"] / steps,
+            metrics.COMM_WIRE_BYTES_PER_STEP: wire_per_step,
             metrics.COMM_ALLREDUCE_BYTES_PER_STEP: self.allreduce_bytes,
-            metrics.COMPRESSION_RATIO: self.allreduce_bytes / per_step if per_step else float("inf"),
+            metrics.COMPRESSION_RATIO: payload_ratio,
+            metrics.COMM_PAYLOAD_RATIO: payload_ratio,
+            metrics.COMM_ALLREDUCE_WIRE_BYTES_PER_STEP: self.allreduce_wire_bytes,
+            metrics.COMM_WIRE_RATIO: wire_ratio(self.allreduce_wire_bytes, wire_per_step),
+            metrics.COMM_CONTROL_BYTES_PER_STEP: totals["control"] / steps,
             metrics.COMM_TIME_PER_STEP_S: totals["comm_s"] / timed,
             metrics.TIME_STEP_S_MEAN: totals["step_s"] / timed,
+            metrics.TIME_DATA_WAIT_S_MEAN: totals["data_s"] / timed,
             metrics.TIME_COMPUTE_S_PER_STEP: (totals["step_s"] - totals["comm_s"]) / timed,
             metrics.SKIPPED_STEPS: int(totals["skipped"]),
             metrics.WALL_S: wall_s,

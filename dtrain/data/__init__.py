@@ -9,6 +9,9 @@
 
 Example i of a split is a pure function of (data.seed, split, i): any rank builds exactly its own shard, and
 val examples never occur in train.
+
+The trainer reads its training batches through `dtrain.data.loader.TrainLoader` (a DataLoader whose item t is
+this rank's share of step t, built in `data.workers` processes ahead of the step), not `task.batch` directly.
 """
 
 from __future__ import annotations

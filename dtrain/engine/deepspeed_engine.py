@@ -7,6 +7,14 @@ DeepSpeed has no comm-hook API, so its own backward all-reduce is switched off
 optimizer and scheduler (a "client" optimizer): its own optimizers JIT-compile fused C++ ops on CPU (30-46 s
 on first use), and ours keeps 1-rank and N-rank runs bit-comparable with the torch engine.
 
+Gradient accumulation (`train.grad_accum: N`): DeepSpeed's own gradient_accumulation_steps stays 1. The trainer
+calls `backward` once per micro-batch (the first N-1 inside `strategy.no_sync()`, each loss already scaled by
+the trainer), the backward passes add into p.grad (stage 0 and 1 here register no gradient hooks: no
+contiguous_gradients, no overlap_comm), then `strategy.synchronize()` once and `step()` once. To DeepSpeed that
+is one batch of B/S per rank per step, on its accumulation boundary, so it neither divides the loss by its GAS
+nor reduces anything; its counters (global_steps, global_samples) stay true. A test checks that DeepSpeed at
+accum 2 trains the same model as the torch engine at accum 2.
+
 ZeRO-1 (`train.zero_stage: 1`): DeepSpeed partitions the optimizer state; each rank steps its slice of the
 flat fp32 parameters and all-gathers the result. Its gradient reduction is the same `allreduce_gradients()` that
 the flag switches off, and the epilogue of that reduction is also what copies this rank's slice of p.grad into the
@@ -29,7 +37,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, check_world_size
-from ..distributed import barrier
+from ..distributed import barrier, count_control_bytes
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +76,9 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
         # runs here; compute_grad_norm would all-reduce a norm that only DeepSpeed's clipping (off) would use
         zero.update(contiguous_gradients=False, compute_grad_norm=False)
     generated: dict[str, Any] = {
-        # one micro-batch per step: the trainer has no gradient accumulation
+        # DeepSpeed sees one batch of B/S per rank per step, whatever train.grad_accum: the trainer runs the
+        # micro-batches through engine.backward into the same p.grad and then makes one engine.step(), so
+        # DeepSpeed never rescales the loss nor decides where a step ends (see the module docstring)
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
@@ -86,8 +96,8 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
     gas = ds.get("gradient_accumulation_steps")
     if gas != 1:
         raise ConfigError(
-            f"{src}: gradient_accumulation_steps={gas} is not supported (the trainer makes one "
-            "optimizer step per micro-batch); remove it or set 1"
+            f"{src}: gradient_accumulation_steps={gas} is not supported (the trainer accumulates the "
+            "micro-batches itself); remove it and set train.grad_accum instead"
         )
     if (
         ds.get("train_micro_batch_size_per_gpu") * gas * world_size != ds.get("train_batch_size")
@@ -185,6 +195,21 @@ class DeepSpeedEngine:
         # ZeRO-0 keeps plain module + torch optimizer: the Checkpointer's DCP stores them. ZeRO-1's optimizer
         # state exists only as per-rank partitions: DeepSpeed's own checkpoint (save_state / load_state).
         self.state_format: str | None = "deepspeed" if self.zero_stage else None
+        self.allgather_bytes = self._allgather_bytes()
+
+    def _allgather_bytes(self) -> int:
+        """ZeRO-1's parameter all-gather after every optimizer step: each rank hands its (padded) partition of
+        every parameter group to `all_gather_into_tensor`; this payload is charged as control bytes."""
+        if self.zero_stage != 1:
+            return 0
+        import deepspeed.comm as ds_dist
+
+        opt, total = self.ds.optimizer, 0
+        for group, partitions in zip(opt.real_dp_process_group, opt.parallel_partitioned_bit16_groups):
+            if ds_dist.get_world_size(group=group) > 1:
+                mine = partitions[ds_dist.get_rank(group=group)]
+                total += mine.numel() * mine.element_size()
+        return total
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.ds(tokens, mask)
@@ -197,6 +222,7 @@ class DeepSpeedEngine:
             self._partition_gradients()
         # optimizer.step(), then zero_grad, then scheduler.step(): the torch engine's order
         self.ds.step()
+        count_control_bytes(self.allgather_bytes)  # ZeRO-1 all-gathered the updated partitions in that step
 
     def _partition_gradients(self) -> None:
         """ZeRO-1: hand the strategy's synchronised (averaged, clipped) p.grad to the partitioned step.

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import metrics
 from ..config import STRATEGY_NAMES
-from ..metrics import format_bytes
+from ..metrics import format_bytes, ring_allreduce_wire_bytes, wire_ratio
 from .rundir import Run
 from .timemodel import LinkRate, steps_to_target, time_to_target
 
@@ -33,7 +33,8 @@ class Row:
     runs: tuple[Run, ...]
     payload_bytes_per_step: float
     wire_bytes_per_step: float
-    compression_ratio: float  # fp32 all-reduce payload / this strategy's payload
+    compression_ratio: float  # fp32 all-reduce payload / this strategy's payload (the payload ratio)
+    wire_ratio: float | None  # fp32 ring all-reduce wire bytes at this world size / this strategy's; None at S=1
     acc_mean: float
     acc_std: float | None  # None with a single seed
     steps_to_target: float | None
@@ -128,6 +129,8 @@ def _row(runs: list[Run], target_acc: float, rates: list[LinkRate]) -> Row:
     accs = [_final_acc(run) for run in runs]
     reached = [steps for steps in (steps_to_target(run.eval_rows, target_acc) for run in runs) if steps is not None]
     payload = _mean(runs, metrics.COMM_BYTES_PER_STEP)
+    wire = _mean(runs, metrics.COMM_WIRE_BYTES_PER_STEP)
+    allreduce = _mean(runs, metrics.COMM_ALLREDUCE_BYTES_PER_STEP)
     return Row(
         strategy=first.strategy,
         rank=first.rank,
@@ -135,8 +138,10 @@ def _row(runs: list[Run], target_acc: float, rates: list[LinkRate]) -> Row:
         link_rate=first.link_rate,
         runs=tuple(runs),
         payload_bytes_per_step=payload,
-        wire_bytes_per_step=_mean(runs, metrics.COMM_WIRE_BYTES_PER_STEP),
-        compression_ratio=_mean(runs, metrics.COMM_ALLREDUCE_BYTES_PER_STEP) / payload if payload else float("inf"),
+        wire_bytes_per_step=wire,
+        compression_ratio=allreduce / payload if payload else float("inf"),
+        # from the summaries' byte figures, so runs written before comm/wire_ratio existed get one too
+        wire_ratio=wire_ratio(ring_allreduce_wire_bytes(allreduce, first.world_size), wire),
         acc_mean=statistics.fmean(accs),
         acc_std=statistics.stdev(accs) if len(accs) > 1 else None,
         steps_to_target=statistics.fmean(reached) if reached else None,
@@ -162,6 +167,30 @@ def fmt_seconds(s: float) -> str:
     return f"{s / 3600:.3g} h"
 
 
+def fmt_ratio(ratio: float | None) -> str:
+    """'4.48×'; '—' where there is no ratio (world size 1: no wire bytes on either side)."""
+    return "—" if ratio is None else f"{ratio:.2f}×"
+
+
+def headline(table: TaskTable) -> str | None:
+    """The task's headline: the configuration with the largest wire ratio against fp32 ring all-reduce (at its
+    own world size), with its payload ratio and accuracy beside the exact baseline's at the same world size.
+    None when no configuration ran on more than one rank."""
+    rows = [row for row in table.rows if row.wire_ratio is not None]
+    if not rows:
+        return None
+    best = max(rows, key=lambda row: row.wire_ratio or 0.0)
+    text = (
+        f"**{best.label}: {metrics.describe_wire_ratio(best.wire_ratio, best.world_size)}** "
+        f"(payload {best.compression_ratio:.2f}× fewer than fp32 all-reduce), final val acc {fmt_accuracy(best)}"
+    )
+    same_setting = [r for r in table.rows if (r.world_size, r.link_rate) == (best.world_size, best.link_rate)]
+    exact = [r for r in same_setting if r.strategy in ("allreduce", "ddp")]
+    if exact and best not in exact:
+        text += f" against {fmt_accuracy(exact[0])} for {exact[0].strategy}"
+    return text + "."
+
+
 def fmt_accuracy(row: Row) -> str:
     if row.acc_std is None:
         return f"{row.acc_mean:.4f}"
@@ -183,7 +212,8 @@ def to_markdown(table: TaskTable, rates: list[LinkRate]) -> str:
             "seeds",
             "payload / step",
             "wire / step",
-            "compression vs fp32 all-reduce",
+            "payload ratio vs fp32 all-reduce",
+            "wire ratio vs fp32 ring all-reduce",
             "final val acc",
             f"steps to {table.target_acc:.4f}",
             "comm / step",
@@ -202,6 +232,7 @@ def to_markdown(table: TaskTable, rates: list[LinkRate]) -> str:
             format_bytes(row.payload_bytes_per_step),
             format_bytes(row.wire_bytes_per_step),
             f"{row.compression_ratio:.2f}×",
+            fmt_ratio(row.wire_ratio),
             fmt_accuracy(row),
             not_reached if row.steps_to_target is None else _fmt_reached(f"{row.steps_to_target:.0f}", row),
             fmt_seconds(row.comm_s_per_step),
@@ -225,6 +256,7 @@ def records(tables: list[TaskTable], rates: list[LinkRate]) -> tuple[list[str], 
         "payload_bytes_per_step",
         "wire_bytes_per_step",
         "compression_ratio",
+        "wire_ratio",
         "final_acc_mean",
         "final_acc_std",
         "target_acc",
@@ -247,6 +279,7 @@ def records(tables: list[TaskTable], rates: list[LinkRate]) -> tuple[list[str], 
             row.payload_bytes_per_step,
             row.wire_bytes_per_step,
             row.compression_ratio,
+            row.wire_ratio,
             row.acc_mean,
             row.acc_std,
             table.target_acc,
