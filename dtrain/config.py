@@ -108,6 +108,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of forward and loss; fp16 adds a gradient scaler (dtrain.precision)"
+    )
     engine: Literal["torch", "deepspeed"] = "torch"
     zero_stage: int = Field(0, ge=0, le=3)
     deepspeed_config: str | None = Field(None, description="a ds_config JSON merged over the generated one")
@@ -206,6 +209,11 @@ class Config(_Section):
                 f"comm.strategy={self.comm.strategy!r} wraps the model in DistributedDataParallel, "
                 "which cannot run inside train.engine=deepspeed; use allreduce, powersgd, dad, rankdad "
                 "or auto"
+            )
+        if t.engine == "deepspeed" and t.precision != "fp32":
+            raise ValueError(
+                f"train.precision={t.precision!r} with train.engine='deepspeed': mixed precision is wired for the "
+                "torch engine only (DeepSpeed keeps its own fp16/bf16 settings); use train.engine=torch"
             )
         if t.engine == "torch" and t.zero_stage:
             raise ValueError(f"train.zero_stage={t.zero_stage} needs train.engine=deepspeed")

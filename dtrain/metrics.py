@@ -84,6 +84,7 @@ COMM_ALLREDUCE_WIRE_BYTES_PER_STEP = "comm/allreduce_wire_bytes_per_step"
 COMM_CONTROL_BYTES_PER_STEP = "comm/control_bytes_per_step"
 TIME_DATA_WAIT_S_MEAN = "time/data_wait_s_mean"
 GRAD_ACCUM = "grad_accum"
+PRECISION = "precision"  # train.precision
 COMM_TIME_PER_STEP_S = "comm/time_per_step_s"
 TIME_STEP_S_MEAN = "time/step_s_mean"
 TIME_COMPUTE_S_PER_STEP = "time/compute_s_per_step"

@@ -58,6 +58,7 @@ from .metrics import (
 )
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
+from .precision import Precision
 from .replicas import ReplicaMismatch, check_replicas
 from .rundir import RunDir, check_writable, default_run_dir, write_json_atomic
 from .tracking import Tracker
@@ -183,7 +184,8 @@ class Trainer:
         fwd = self.strategy.attach(self.model)
         self.optimizer = build_optimizer(cfg.train, self.model)
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
-        self.engine = build_engine(cfg, self.model, fwd, self.optimizer, self.scheduler, S)
+        self.precision = Precision(cfg.train.precision, env.device)
+        self.engine = build_engine(cfg, self.model, fwd, self.optimizer, self.scheduler, S, self.precision)
         self.rundir = RunDir(self.path, env.is_main)
         self.ckpt = Checkpointer(self.rundir.checkpoints, env.rank, S, keep=cfg.checkpoint.keep, warn=self.say)
         # dropout masks differ by rank (as in any data-parallel job); weights were drawn above
@@ -208,6 +210,7 @@ class Trainer:
         if local:
             self.strategy.load_state_dict(local.get("strategy", {}))
             set_rng_state(local["rng"])
+            self.precision.load_state_dict(local.get("precision", {}))  # fp16: the loss scale goes on
         self.say(f"resumed from {path} (step {meta['step']})")
         return int(meta["step"]), meta.get("totals", {})
 
@@ -219,7 +222,7 @@ class Trainer:
             write_json_atomic(self.path / "plan.json", plan)
 
     def _save(self, step: int, totals: dict[str, float]) -> None:
-        local = {"strategy": self.strategy.state_dict(), "rng": rng_state()}
+        local = {"strategy": self.strategy.state_dict(), "rng": rng_state(), "precision": self.precision.state_dict()}
         meta = {
             "data_position": step * self.cfg.train.batch_size,
             "scheduler": self.scheduler.state_dict(),
@@ -365,32 +368,42 @@ class Trainer:
         for j, mb in enumerate(micro):
             # every micro-batch but the last only accumulates; the last one's backward may start the sync
             with self.strategy.no_sync() if j < len(micro) - 1 else contextlib.nullcontext():
-                logits = self.engine.forward(mb.tokens, mb.mask)
-                examples = self.local_batch if len(micro) > 1 else None
-                loss = loss_fn(logits, mb.targets, task.spec.targets_per_example, examples)
+                with self.precision.autocast():
+                    logits = self.engine.forward(mb.tokens, mb.mask)
+                    examples = self.local_batch if len(micro) > 1 else None
+                    loss = loss_fn(logits, mb.targets, task.spec.targets_per_example, examples)
                 loss = faults.corrupt_loss(loss, step + 1, env.rank)
-                self.engine.backward(loss)
+                self.engine.backward(loss)  # the engine scales it (fp16)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         assert loss_sum is not None
         stats = self.strategy.synchronize()
+        self.precision.unscale_(self.optimizer)  # fp16: the synchronised gradients in their true units
         # One small all-reduce: the global mean loss for the log, and whether any rank saw NaN/Inf, so all
         # ranks take the same decision and no rank ever applies a partial update. It is built on the device
         # without a host sync, and the gradient norm for clipping is computed before it (the synchronised
         # gradient is the same on every rank), so one `tolist()` reads the loss, the flag and the norm: the
         # trainer's only host sync of the step.
-        flags = all_reduce_sum(torch.stack([loss_sum.double().reshape(()), _nonfinite(loss_sum, self.model)]))
+        loss_bad = (~torch.isfinite(loss_sum)).double().reshape(())
+        flags = all_reduce_sum(torch.stack([loss_sum.double().reshape(()), _nonfinite(loss_sum, self.model), loss_bad]))
         params = [p for p in self.model.parameters() if p.grad is not None]
         total_norm = (
             torch.nn.utils.get_total_norm([p.grad for p in params]) if cfg.train.grad_clip > 0 and params else None
         )
         if total_norm is None:
-            loss_total, bad_ranks = flags.tolist()
+            loss_total, bad_ranks, loss_bad_ranks = flags.tolist()
             norm = float("nan")
         else:
-            loss_total, bad_ranks, norm = torch.cat([flags, total_norm.reshape(1).to(flags)]).tolist()
+            loss_total, bad_ranks, loss_bad_ranks, norm = torch.cat([flags, total_norm.reshape(1).to(flags)]).tolist()
         global_loss, bad = loss_total / env.world_size, bad_ranks > 0
+        # fp16: gradients that overflowed under a finite loss are the scaler's business (it skips the update and
+        # lowers the scale), not a NaN for train.nan_policy
+        overflow = bad and loss_bad_ranks == 0 and self.precision.scaler is not None
         grad_norm = float("nan")
-        if bad:
+        if overflow:
+            totals["skipped"] += 1
+            self.engine.zero_grad()
+            self.scheduler.step()
+        elif bad:
             totals["skipped"] += 1
             if cfg.train.nan_policy == "stop":
                 raise NonFiniteLoss(
@@ -409,6 +422,7 @@ class Trainer:
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.train.grad_clip, total_norm)
                 grad_norm = norm
             self.engine.step()
+        self.precision.update(self.strategy)  # fp16: the scale adapts, error feedback follows it
         step_s = time.perf_counter() - t0
         totals["bytes"] += stats.bytes_sent
         totals["wire"] += stats.wire_bytes
@@ -465,6 +479,7 @@ class Trainer:
             metrics.SEED: cfg.train.seed,
             metrics.ENGINE: cfg.train.engine,
             metrics.GRAD_ACCUM: cfg.train.grad_accum,
+            metrics.PRECISION: cfg.train.precision,
             metrics.FINAL_VAL_ACC: ev.acc if ev else float("nan"),
             metrics.FINAL_VAL_LOSS: ev.loss if ev else float("nan"),
             metrics.COMM_BYTES_TOTAL: int(totals["bytes"]),

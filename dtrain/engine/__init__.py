@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..precision import Precision
+
 
 class Engine(Protocol):
     module: nn.Module  # the model whose parameters are trained (unwrapped)
@@ -47,17 +49,19 @@ class TorchEngine:
         fwd: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        precision: Precision,
     ) -> None:
         self.module, self.fwd, self.optimizer, self.scheduler = module, fwd, optimizer, scheduler
+        self.precision = precision
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.fwd(tokens, mask)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self.precision.scale(loss).backward()
 
     def step(self) -> None:
-        self.optimizer.step()
+        self.precision.step(self.optimizer)  # with fp16's scaler: skipped when the gradients overflowed
         self.scheduler.step()
         self.zero_grad()
 
@@ -75,9 +79,10 @@ def build_engine(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     world_size: int,
+    precision: Precision,
 ) -> Engine:
     if cfg.train.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, module, fwd, optimizer, scheduler, world_size)
-    return TorchEngine(module, fwd, optimizer, scheduler)
+    return TorchEngine(module, fwd, optimizer, scheduler, precision)

@@ -103,8 +103,12 @@ def attach_adjoint(
     so λ and the record are those of a loop that checks after every iteration.
     """
 
+    # the adjoint re-evaluates the step inside backward, where autocast is off: re-enter the forward's state
+    device_type = fz.device.type
+    autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
     def solve_adjoint(g: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
             z = z_star.detach().requires_grad_()
             fz_frozen = frozen_step(z)
         per_example = tuple(range(1, g.dim()))

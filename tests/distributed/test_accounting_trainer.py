@@ -16,7 +16,7 @@ from dtrain.model import build_model
 from tests.helpers.launch import TINY, metrics, summary, train
 from tests.helpers.ranks import run_ranks
 
-FLAGS = 16  # the per-step all-reduce: float64 (loss, non-finite flag)
+FLAGS = 24  # the per-step all-reduce: float64 (loss, non-finite flag, non-finite loss flag)
 AGREE = 4  # the start-up all_ranks_agree (int32)
 
 
