@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -205,4 +206,15 @@ def write_result(
                 "",
             ]
         ),
+    )
+
+
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: `python -m bench.NAME`, its docstring's first line as the description and the
+    whole docstring as the epilog of --help."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc,
     )

@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench._common import ROOT, command_line, train_run, write_result
+from bench._common import ROOT, argument_parser, command_line, train_run, write_result
 from dtrain import metrics
 from dtrain.metrics import format_bytes
 
@@ -196,12 +196,7 @@ def table(rows: list[dict[str, Any]], labels: list[str]) -> tuple[str, dict[str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument(
         "--only",

@@ -17,7 +17,6 @@ fpsa_stats; the optimizer's own per-parameter step counters live on the CPU by d
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench._common import ROOT, load, write_result
+from bench._common import ROOT, argument_parser, load, write_result
 from dtrain.config import load_config
 from dtrain.data import build_task
 from dtrain.model import build_model
@@ -155,12 +154,7 @@ def run_case(config: str, overrides: list[str], baseline: ModuleType, batch: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument(
         "--cases",
         nargs="+",

@@ -13,7 +13,6 @@ step.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench._common import ROOT, load, write_result
+from bench._common import ROOT, argument_parser, load, write_result
 from dtrain import metrics
 from dtrain.config import load_config
 from dtrain.data import build_task
@@ -52,12 +51,7 @@ def step_fn(cfg, task, model, opt, batch) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--iters", nargs="+", type=int, default=[3, 4, 6], help="forced FPSA iteration counts")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import ROOT, TORCHRUN, load, write_result
+from bench._common import ROOT, TORCHRUN, argument_parser, load, write_result
 from dtrain.metrics import format_bytes
 
 SECTION = "## Overlap of layer collectives with backward (issue 9)"
@@ -158,12 +158,7 @@ def summarise(result: dict[str, Any], warmup: int) -> tuple[str, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--strategies", nargs="+", default=["dad", "rankdad"])

@@ -20,14 +20,13 @@ bench.rankdad_overhead` covers them on a GPU machine.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench._common import ROOT, load, write_result
+from bench._common import ROOT, argument_parser, load, write_result
 from dtrain.compression import build_strategy
 from dtrain.config import load_config
 from dtrain.data import build_task
@@ -46,12 +45,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--batch", type=int, default=None, help="examples per step (default batch_size / 2)")

@@ -16,7 +16,6 @@ hidden behind backward); the same short runs give the step time with and without
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench._common import command_line, launch_script, load_note, machine, train_run, write_section
+from bench._common import argument_parser, command_line, launch_script, load_note, machine, train_run, write_section
 from dtrain import metrics
 from dtrain.metrics import format_bytes
 
@@ -98,12 +97,7 @@ def netns_counters(run_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        prog=f"python -m {__spec__.name}",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--rate", default="100mbit")

@@ -120,10 +120,11 @@ def group_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _collective_device() -> torch.device:
-    """Where the default group's backend takes tensors: the CPU when it has a CPU backend (gloo,
-    "cpu:gloo,cuda:nccl"), else the current CUDA device (nccl, or a CUDA-only group such as "cuda:gloo")."""
-    device_types = {spec.split(":")[0] for spec in dist.get_backend_config().split(",")}
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a group's backend takes tensors: the CPU when it has a CPU backend (gloo, "cpu:gloo,cuda:nccl"),
+    else the current CUDA device (nccl, or a CUDA-only group such as "cuda:gloo"). The one rule for control
+    collectives here and for `compression.Comm`'s small host-side tensors (row counts)."""
+    device_types = {spec.split(":")[0] for spec in dist.get_backend_config(group).split(",")}
     if "cpu" in device_types:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
@@ -131,7 +132,7 @@ def _collective_device() -> torch.device:
 
 def _in_place_on_collective_device(t: torch.Tensor, collective: Callable[[torch.Tensor], object]) -> torch.Tensor:
     """Run `collective` on `t` where the backend needs it, leaving the result in `t` on the caller's device."""
-    device = _collective_device()
+    device = collective_device()
     if t.device == device:
         collective(t)
         return t
@@ -178,7 +179,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
     world = group_world_size()
     if world == 1:
         return [obj]
-    device = _collective_device()
+    device = collective_device()
     data = pickle.dumps(obj)
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world)]

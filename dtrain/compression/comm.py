@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from ..distributed import collective_device
 from .base import CommStats
 
 
@@ -35,9 +36,9 @@ class Comm:
         self.group = group
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
-        # NCCL moves only CUDA tensors: small host-side values (row counts) must live there too
-        nccl = dist.is_initialized() and dist.get_backend(group) == "nccl"
-        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # a CUDA-only backend (NCCL, "cuda:gloo") moves only CUDA tensors: small host-side values (row counts)
+        # must live there too
+        self.device = collective_device(group) if dist.is_initialized() else torch.device("cpu")
         self.stats = CommStats()
 
     # ------------------------------------------------------------------ accounting

@@ -42,4 +42,19 @@ def test_without_peers_every_collective_is_the_identity():
 def test_collective_device_follows_the_backend(monkeypatch: pytest.MonkeyPatch, config: str, expected: str):
     monkeypatch.setattr(distributed.dist, "get_backend_config", lambda group=None: config)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert distributed._collective_device() == torch.device(expected)
+    assert distributed.collective_device() == torch.device(expected)
+
+
+def test_comm_keeps_its_row_counts_where_a_cuda_only_backend_takes_tensors(monkeypatch: pytest.MonkeyPatch):
+    """Comm's small host-side tensors (the row-count exchange) follow the same rule as the control collectives:
+    under "cuda:gloo" (or NCCL) they must be CUDA tensors; a CPU tensor would be refused by the backend."""
+    from dtrain.compression.comm import Comm
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(distributed.dist, "get_backend_config", lambda group=None: "cuda:gloo")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert Comm().device == torch.device("cuda", 0)
+    monkeypatch.setattr(distributed.dist, "get_backend_config", lambda group=None: "cpu:gloo,cuda:gloo")
+    assert Comm().device == torch.device("cpu")
