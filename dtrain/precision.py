@@ -63,10 +63,6 @@ class Precision:
         if after != before:
             strategy.rescale_memory(after / before)
 
-    @property
-    def loss_scale(self) -> float:
-        return self.scaler.get_scale() if self.scaler is not None else 1.0
-
     def state_dict(self) -> dict[str, Any]:
         return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
 

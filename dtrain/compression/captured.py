@@ -110,10 +110,14 @@ class CapturedStrategy(Strategy):
             rest.load_state_dict(state)
         return rest
 
-    def release(self, layer: LayerStep) -> None:
-        """Hand a captured layer back to autograd (a plan chose all-reduce for it); it joins the rest's buckets."""
+    def release(self, layers: list[LayerStep]) -> None:
+        """Hand captured layers back to autograd (a plan chose all-reduce for them); they join the rest's buckets,
+        which are planned again once."""
         assert self.source is not None
-        self.source.release(layer.capture, layer.a, layer.delta)
+        if not layers:
+            return
+        for layer in layers:
+            self.source.release(layer.capture, layer.a, layer.delta)
         self.rest_sync = self._rest_sync(self._rest_state())
 
     @contextlib.contextmanager
@@ -186,18 +190,21 @@ class CapturedStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        for codec in self.plan.codecs():
-            missing = [k for k in codec.state_keys() if k not in state]
+
+        def take(part: Any) -> dict[str, Any]:
+            """The keys `part` writes, taken out of `state` (a part's own keys: those of its `state_dict`)."""
+            keys = list(part.state_dict())
+            missing = [k for k in keys if k not in state]
             if missing:
                 raise ValueError(f"{self.name}: strategy state lacks {', '.join(missing)} (saved by another strategy?)")
-            codec.load_state_dict({k: state.pop(k) for k in codec.state_keys()})
+            return {k: state.pop(k) for k in keys}
+
+        for codec in self.plan.codecs():
+            codec.load_state_dict(take(codec))
         residual = state.pop(RESIDUAL, None)
         if residual is not None and isinstance(self.rest_sync, HalfPrecisionGather):
             self.rest_sync.load_state_dict({RESIDUAL: residual})
-        plan_keys = set(self.plan.state_dict())
-        if plan_keys - set(state):
-            raise ValueError(f"{self.name}: strategy state lacks {', '.join(sorted(plan_keys - set(state)))}")
-        self.plan.load_state_dict({k: state.pop(k) for k in plan_keys})
+        self.plan.load_state_dict(take(self.plan))
         super().load_state_dict(state)  # refuses whatever is left
 
     def describe(self) -> dict[str, Any]:

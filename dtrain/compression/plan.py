@@ -90,7 +90,7 @@ class FixedPlan:
 
 
 class CostModelPlan:
-    """`auto`. `release(layer)` hands a layer planned as allreduce back to autograd (the strategy's)."""
+    """`auto`. `release(layers)` hands the layers planned as allreduce back to autograd (the strategy's)."""
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class CostModelPlan:
         world_size: int,
         is_main: bool,
         captures: Callable[[], Sequence[LinearCapture]],
-        release: Callable[[LayerStep], None],
+        release: Callable[[list[LayerStep]], None],
     ) -> None:
         self._by_method = {rows.name: rows, factors.name: factors}
         self.options = options
@@ -128,9 +128,7 @@ class CostModelPlan:
             if self.is_main:
                 log.info("auto plan: %s", json.dumps(self.plan))
         # after the first step (or a resume) allreduce layers are no longer captured: this finds none then
-        for layer in layers:
-            if self.plan[layer.capture.name]["method"] == ALLREDUCE:
-                self._release(layer)
+        self._release([layer for layer in layers if self.plan[layer.capture.name]["method"] == ALLREDUCE])
         return [layer for layer in layers if self.plan[layer.capture.name]["method"] != ALLREDUCE]
 
     def _make(self, layers: list[LayerStep]) -> dict[str, dict[str, Any]]:

@@ -15,18 +15,19 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
-def test_a_nan_on_one_rank_at_step_4_skips_exactly_that_step(tmp_path: Path, strategy: str):
+def test_a_nan_on_rank_1_at_step_4_skips_exactly_that_step_on_every_rank(tmp_path: Path, strategy: str):
     run = tmp_path / strategy
     # PowerSGD compresses from step 3 (start_step 2), so the NaN meets its residuals and warm starts
-    train(
+    proc = train(
         run,
         f"comm.strategy={strategy}",
         "train.steps=10",
         "train.consistency_every=1",
         "comm.rank=2",
         nproc=2,
-        extra_env={"DTRAIN_FAULT": "nan@loss:step=4,rank=0"},
+        extra_env={"DTRAIN_FAULT": "nan@loss:step=4,rank=1"},
     )
+    assert "all ranks skip this update" in proc.stderr
     rows = {r[STEP]: r for r in metrics(run) if TRAIN_LOSS in r}
     assert [s for s, r in sorted(rows.items()) if r[SKIPPED]] == [4]
     assert summary(run)[SKIPPED_STEPS] == 1  # and consistency_every=1 proved the replicas stayed identical

@@ -90,4 +90,4 @@ def test_fp16_scaler_shrinks_on_overflow_and_tells_the_strategy():
     assert torch.equal(w.detach(), torch.ones(2))
     recorder = Recorder()
     p.update(recorder)
-    assert recorder.ratios == [0.5] and p.loss_scale == 2.0**15
+    assert recorder.ratios == [0.5] and p.scaler.get_scale() == 2.0**15

@@ -84,11 +84,8 @@ class LayerCodec(abc.ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Takes the keys this codec wrote (the caller passes only those)."""
-
-    def state_keys(self) -> tuple[str, ...]:
-        """The keys this codec's `state_dict` writes (they sit beside other parts' keys in a checkpoint)."""
-        return ()
+        """Takes the keys this codec's `state_dict` writes (the caller passes only those: they sit beside other
+        parts' keys in a checkpoint)."""
 
     def describe(self, captures: Sequence[LinearCapture]) -> dict[str, Any]:
         """For plan.json: the codec's settings, and an optional "warnings" list of one-line strings about

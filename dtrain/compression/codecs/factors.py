@@ -163,9 +163,6 @@ class FactorsCodec(LayerCodec):
         self.step += 1
 
     # ------------------------------------------------------------------ checkpoints, plan.json
-    def state_keys(self) -> tuple[str, ...]:
-        return ("step", "starts", "residuals")
-
     def state_dict(self) -> dict[str, Any]:
         """`step` and `starts` are the same on every rank; `residuals` are this rank's own."""
         return {"step": self.step, "starts": self.starts.state_dict(), "residuals": self.residuals.state_dict()}

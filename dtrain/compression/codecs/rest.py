@@ -33,10 +33,6 @@ class HalfPrecisionGather:
         self.prefix = prefix
         self.memory = ErrorFeedback()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() for _, p in self.params) * self.dtype.itemsize
-
     def __call__(self, comm: Comm) -> None:
         if not self.params:
             return
