@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .compression.registry import EXACT_STRATEGIES, STRATEGIES, STRATEGY_NAMES, strategy_options
 
-#: `data.task` values (generated from a seed, no downloads); dtrain.data builds each
-TASK_NAMES = ("parity", "s5", "a5", "listops")
+#: `data.task` values generated from a seed (no files, no downloads)
+SYNTHETIC_TASKS = ("parity", "s5", "a5", "listops")
+#: every `data.task` value; dtrain.data builds each. digits: scikit-learn's bundled 8x8 images; text: your files
+#: or a Hugging Face dataset (docs/data.md)
+TASK_NAMES = (*SYNTHETIC_TASKS, "digits", "text")
 
 __all__ = [
     "Config",
@@ -25,6 +28,7 @@ __all__ = [
     "EXACT_STRATEGIES",
     "STRATEGY_NAMES",
     "STRATEGIES",
+    "SYNTHETIC_TASKS",
     "TASK_NAMES",
     "check_world_size",
     "config_from_dict",
@@ -42,6 +46,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    family: Literal["dtrain", "hf-bert"] = Field(
+        "dtrain",
+        description="dtrain: the SELF-Transformer encoder; hf-bert: a Hugging Face BertModel of the same sizes "
+        "(needs dtrain[hf]), with FPSA swapped into its self-attention when attention=fpsa",
+    )
     attention: Literal["vanilla", "fpsa"] = "fpsa"
     d_model: int = Field(64, ge=8)
     n_layers: int = Field(2, ge=1)
@@ -89,6 +98,55 @@ class DataConfig(_Section):
         "0 builds each batch in the training process, on the critical path",
     )
     prefetch: int = Field(2, ge=1, description="batches each worker keeps ready (DataLoader prefetch_factor)")
+    # ---- digits
+    patch: Literal[1, 2, 4] = Field(
+        2, description="digits: side of the square patch of pixels one token covers (1: 64 tokens, 2: 16, 4: 4)"
+    )
+    # ---- text (docs/data.md)
+    objective: Literal["mlm", "classification"] = Field(
+        "mlm", description="text: masked-LM over fixed-length blocks, or one label per document"
+    )
+    path: str | None = Field(
+        None, description="text: a file, directory or glob of .txt, .jsonl, .csv or .parquet files"
+    )
+    text_field: str = Field("text", description="text: the field (column) holding the text in .jsonl/.csv/.parquet")
+    label_field: str = Field("label", description="text, classification: the field holding the label")
+    hf_dataset: str | None = Field(
+        None, description="text: a datasets.load_dataset name, or a directory written by save_to_disk"
+    )
+    hf_config: str | None = Field(None, description="text: the dataset's configuration name (load_dataset's name=)")
+    train_split: str = Field("train", description="text, hf_dataset: the split to train on")
+    val_split: str | None = Field(
+        "validation",
+        description="text, hf_dataset: the validation split; when the dataset has none (and for data.path), "
+        "a seeded data.val_fraction of the documents is held out",
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="text: share of documents held out for validation")
+    online: bool = Field(
+        False, description="text, hf_dataset: allow downloads from the Hugging Face Hub (offline by default)"
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="text: a tokenizer.json or a transformers tokenizer directory; default: train one on the "
+        "training split (saved into the run directory)",
+    )
+    tokenizer_kind: Literal["wordpiece", "bpe"] = Field(
+        "wordpiece", description="text: the kind of tokenizer trained when data.tokenizer is unset"
+    )
+    vocab_size: int = Field(8192, ge=32, le=1_000_000, description="text: vocabulary of the trained tokenizer")
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0, description="text, mlm: share of each block's tokens predicted")
+    cache_dir: str | None = Field(
+        None, description="text: where tokenised arrays are cached; default $DTRAIN_CACHE or ~/.cache/dtrain"
+    )
+
+    @model_validator(mode="after")
+    def _text_source(self) -> DataConfig:
+        if self.task == "text" and (self.path is None) == (self.hf_dataset is None):
+            raise ValueError(
+                "data.task=text needs exactly one source: data.path (files) or data.hf_dataset (a Hugging Face "
+                f"dataset); got {'both' if self.path else 'neither'}"
+            )
+        return self
 
 
 class TrainConfig(_Section):

@@ -111,7 +111,7 @@ def _example_rows(
 def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalResult:
     was_training = model.training
     model.eval()
-    start, end = _split(cfg.data.n_val, env.world_size, env.rank)
+    start, end = _split(task.n_val, env.world_size, env.rank)
     # sums: loss, correct, targets counted; per example: (difficulty, iterations, correct, targets)
     loss_sum = correct = counted = 0.0
     per_example: list[torch.Tensor] = []

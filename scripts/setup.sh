@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_SPEC=${DTRAIN_TORCH:-torch==2.13.0}
 
-if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/ruff" ] && "$VENV/bin/python" -c "import dtrain, torch, deepspeed, wandb, pytest" 2>/dev/null \
+if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/ruff" ] && "$VENV/bin/python" -c "import dtrain, torch, deepspeed, wandb, pytest, tokenizers, sklearn, pyarrow, transformers, datasets" 2>/dev/null \
    && [ "${DTRAIN_REINSTALL:-0}" != 1 ]; then
   # Already set up: refresh the editable install only (fast, no network).
   "$VENV/bin/pip" install -q --no-deps -e . >/dev/null
@@ -25,7 +25,7 @@ else
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-echo "setup: installing $TORCH_SPEC and dtrain[dev] into $VENV (about a minute)"
+echo "setup: installing $TORCH_SPEC and dtrain[dev,hf] into $VENV (about a minute)"
 # pip's configured mirrors print one "is ignored" line per package that they lack: noise, not errors.
-"$VENV/bin/pip" install -q "$TORCH_SPEC" -e ".[dev]" 2> >(grep -v -e "is ignored: it is neither" -e "^$" >&2)
+"$VENV/bin/pip" install -q "$TORCH_SPEC" -e ".[dev,hf]" 2> >(grep -v -e "is ignored: it is neither" -e "^$" >&2)
 "$VENV/bin/python" -c "import torch, deepspeed, wandb; print('setup: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| wandb', wandb.__version__)"

@@ -13,7 +13,7 @@ import numpy as np
 
 from dtrain.config import DataConfig
 
-from .tasks import Example, Task, TaskSpec
+from .tasks import Example, GeneratedTask, TaskSpec
 
 Permutation = tuple[int, ...]
 
@@ -41,7 +41,7 @@ def closure(generators: tuple[Permutation, ...]) -> list[Permutation]:
     return sorted(seen)
 
 
-class StateTracking(Task):
+class StateTracking(GeneratedTask):
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         generators = GENERATORS[cfg.task]

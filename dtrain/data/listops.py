@@ -14,7 +14,7 @@ import numpy as np
 
 from dtrain.config import DataConfig
 
-from .tasks import Example, Task, TaskSpec
+from .tasks import Example, GeneratedTask, TaskSpec
 
 PAD = 0
 DIGIT0 = 1  # digit d is token DIGIT0 + d
@@ -66,7 +66,7 @@ def expression(rng: np.random.Generator, depth: int, budget: int) -> tuple[list[
     return tokens + [CLOSE], apply(OPS[op], values)
 
 
-class ListOps(Task):
+class ListOps(GeneratedTask):
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         if cfg.seq_len < min_length(cfg.max_depth):

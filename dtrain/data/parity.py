@@ -10,10 +10,10 @@ import numpy as np
 
 from dtrain.config import DataConfig
 
-from .tasks import Example, Task, TaskSpec
+from .tasks import Example, GeneratedTask, TaskSpec
 
 
-class PrefixParity(Task):
+class PrefixParity(GeneratedTask):
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
         self.spec = TaskSpec(

@@ -1,9 +1,14 @@
-"""The task interface: examples addressed by (split, index), pure, and held-out by construction.
+"""The task interface, and the generated tasks: examples addressed by (split, index), pure, held out by construction.
 
-Example `index` of `split` is drawn from a numpy Generator seeded with (data.seed, split, index, attempt). A
-candidate is kept only if a hash of its tokens assigns it to that split, otherwise the next attempt is drawn.
-So any rank can build exactly the examples it needs, a batch equals its examples built one at a time, and a
-token sequence that can appear in "val" can never appear in "train" (the hash decides, not the sampler).
+`Task` is what the trainer, the loader and the evaluation read: a `TaskSpec`, the number of validation examples
+`n_val`, and `batch(split, start, count)`. Every task makes example i of a split a pure function of its config
+and i, so any rank builds exactly its own shard whatever the world size.
+
+`GeneratedTask` (parity, s5, a5, listops): example `index` of `split` is drawn from a numpy Generator seeded with
+(data.seed, split, index, attempt). A candidate is kept only if a hash of its tokens assigns it to that split,
+otherwise the next attempt is drawn. So a batch equals its examples built one at a time, and a token sequence that
+can appear in "val" can never appear in "train" (the hash decides, not the sampler). The digits and text tasks
+(digits.py, text/) hold fixed example arrays instead.
 """
 
 from __future__ import annotations
@@ -63,10 +68,39 @@ class Batch:
     difficulty: torch.Tensor  # int64 [count]
 
 
+def stack_batch(tokens: np.ndarray, targets: np.ndarray, difficulty: np.ndarray, pad_id: int | None) -> Batch:
+    """A `Batch` of int64 arrays; the mask marks every token that is not `pad_id` (all of them when None)."""
+    tokens_t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64))
+    mask = torch.ones_like(tokens_t, dtype=torch.bool) if pad_id is None else tokens_t != pad_id
+    return Batch(
+        tokens=tokens_t,
+        targets=torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64)),
+        mask=mask,
+        difficulty=torch.from_numpy(np.ascontiguousarray(difficulty, dtype=np.int64)),
+    )
+
+
+def check_split(split: str) -> None:
+    if split not in _SPLIT_CODE:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+
 class Task(abc.ABC):
-    """A synthetic task. Subclasses say how to sample one candidate example; this class makes it addressable."""
+    """What the trainer reads: `spec`, `n_val` validation examples, and batches addressed by (split, index).
+
+    The training split is an endless stream (index i of a finite dataset is example i mod its size, in a seeded
+    order per pass); "val" holds indices 0 .. n_val-1."""
 
     spec: TaskSpec
+    n_val: int
+
+    @abc.abstractmethod
+    def batch(self, split: Split, start: int, count: int) -> Batch:
+        """Examples start .. start+count-1 of `split`, stacked."""
+
+
+class GeneratedTask(Task):
+    """A synthetic task. Subclasses say how to sample one candidate example; this class makes it addressable."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.seed = cfg.seed
@@ -81,8 +115,7 @@ class Task(abc.ABC):
         return "val" if int.from_bytes(digest, "little") < VAL_FRACTION * 2**64 else "train"
 
     def example(self, split: Split, index: int) -> Example:
-        if split not in _SPLIT_CODE:
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        check_split(split)
         if index < 0 or (split == "val" and index >= self.n_val):
             raise IndexError(
                 f"{self.spec.name}: {split} index {index} out of range"
@@ -99,7 +132,6 @@ class Task(abc.ABC):
         )
 
     def batch(self, split: Split, start: int, count: int) -> Batch:
-        """Examples start .. start+count-1 of `split`, stacked."""
         length = self.spec.seq_len
         tokens = np.empty((count, length), dtype=np.int64)
         targets = np.empty((count, length) if self.spec.per_token else (count,), dtype=np.int64)
@@ -107,11 +139,67 @@ class Task(abc.ABC):
         for row in range(count):
             example = self.example(split, start + row)
             tokens[row], targets[row], difficulty[row] = example.tokens, example.targets, example.difficulty
-        tokens_t = torch.from_numpy(tokens)
-        if self.spec.pad_id is None:
-            mask = torch.ones_like(tokens_t, dtype=torch.bool)
-        else:
-            mask = tokens_t != self.spec.pad_id
-        return Batch(
-            tokens=tokens_t, targets=torch.from_numpy(targets), mask=mask, difficulty=torch.from_numpy(difficulty)
-        )
+        return stack_batch(tokens, targets, difficulty, self.spec.pad_id)
+
+
+@dataclass(frozen=True)
+class ExampleArrays:
+    """A split of a dataset held in arrays (numpy or memory-mapped): row i is example i."""
+
+    tokens: np.ndarray  # integer [N, L]
+    targets: np.ndarray  # integer [N] or [N, L]; IGNORE where there is no target
+    difficulty: np.ndarray  # integer [N]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class ArrayTask(Task):
+    """A task over fixed example arrays (digits, text). The training stream visits the training rows in a new
+    seeded order on every pass: stream index i is row order(i // N)[i mod N], so a batch depends only on
+    (data.seed, i) and never on the world size. "val" is the first n_val validation rows, in order.
+
+    Subclasses may override `examples` to derive targets per stream index (masked-LM draws its mask there)."""
+
+    def __init__(self, spec: TaskSpec, seed: int, train: ExampleArrays, val: ExampleArrays, n_val: int) -> None:
+        if len(train) == 0:
+            raise ValueError(f"{spec.name}: the training split holds no examples")
+        if len(val) == 0:
+            raise ValueError(f"{spec.name}: the validation split holds no examples")
+        self.spec, self.seed = spec, seed
+        self.train, self.val = train, val
+        self.n_val = min(n_val, len(val))
+        self._order: tuple[int, np.ndarray] | None = None  # (pass, permutation) of the last pass read
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The training rows in the order of pass `epoch`."""
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed % 2**63, 7, epoch])
+            self._order = (epoch, rng.permutation(len(self.train)))
+        return self._order[1]
+
+    def rows(self, split: Split, start: int, count: int) -> np.ndarray:
+        """The dataset rows of stream indices start .. start+count-1 of `split`."""
+        check_split(split)
+        if start < 0 or count < 0 or (split == "val" and start + count > self.n_val):
+            raise IndexError(f"{self.spec.name}: {split} indices {start}..{start + count - 1} out of range")
+        if split == "val":
+            return np.arange(start, start + count)
+        n = len(self.train)
+        stream = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(stream // n):
+            sel = stream // n == epoch
+            out[sel] = self.order(int(epoch))[stream[sel] % n]
+        return out
+
+    def examples(self, split: Split, rows: np.ndarray, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, targets) of dataset rows `rows`, read as stream indices `stream`."""
+        arrays = self.train if split == "train" else self.val
+        return np.asarray(arrays.tokens[rows]), np.asarray(arrays.targets[rows])
+
+    def batch(self, split: Split, start: int, count: int) -> Batch:
+        rows = self.rows(split, start, count)
+        tokens, targets = self.examples(split, rows, np.arange(start, start + count))
+        difficulty = (self.train if split == "train" else self.val).difficulty[rows]
+        return stack_batch(tokens, targets, np.asarray(difficulty), self.spec.pad_id)
