@@ -196,6 +196,48 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return [pickle.loads(part[:n].cpu().numpy().tobytes()) for part, n in zip(parts, lengths)]
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (the other ranks' `obj` is ignored): its pickled size, then
+    the pickle, as tensors on the backend's device, counted as control bytes. Unlike an all-gather, each rank
+    receives one copy whatever the world size."""
+    if group_world_size() == 1:
+        return obj
+    device = collective_device()
+    data = pickle.dumps(obj) if dist.get_rank() == src else b""
+    size = broadcast_(torch.tensor([len(data)], dtype=torch.int64, device=device), src)
+    payload = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if data:
+        payload[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    payload = broadcast_(payload.to(device), src)
+    return pickle.loads(payload.cpu().numpy().tobytes())
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """`fn()` run on rank 0 only, its result handed to every rank. A `ConfigError` that `fn` raises is raised on
+    every rank (with the same one-line message), so no rank waits for a result that will never come."""
+    from .config import ConfigError
+
+    if group_world_size() == 1:
+        return fn()
+    outcome: tuple[str, Any] = ("ok", None)
+    failure: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = ("ok", fn())
+        except ConfigError as err:
+            outcome = ("config", str(err))
+        except Exception as err:  # any other failure: the other ranks stop too instead of waiting
+            outcome, failure = ("crash", f"{type(err).__name__}: {err}"), err
+    kind, value = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if kind == "config":
+        raise ConfigError(value)
+    if kind == "crash":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
 def barrier() -> None:
     """Wait until every rank got here."""
     if group_world_size() > 1:

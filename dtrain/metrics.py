@@ -58,6 +58,8 @@ RANKDAD_EFF_RANK = "rankdad/{layer}/eff_rank"
 VAL_PREFIX = "val/"
 VAL_LOSS = "val/loss"
 VAL_ACC = "val/acc"
+#: exp(val/loss): masked-LM tasks only (the mean cross-entropy of the masked tokens)
+VAL_PERPLEXITY = "val/perplexity"
 # mean over difficulties of the iterations per example; the name predates the protocol below and is public
 VAL_EXAMPLE_ITERS_MEAN = "val/fpsa_iters_mean"
 
@@ -73,6 +75,7 @@ SEED = "seed"
 ENGINE = "engine"
 FINAL_VAL_ACC = "final/val_acc"
 FINAL_VAL_LOSS = "final/val_loss"
+FINAL_VAL_PERPLEXITY = "final/val_perplexity"
 COMM_BYTES_TOTAL = "comm/bytes_total"
 COMM_BYTES_PER_STEP = "comm/bytes_per_step"
 COMM_WIRE_BYTES_PER_STEP = "comm/wire_bytes_per_step"

@@ -21,6 +21,7 @@ The batches come from a DataLoader (`dtrain.data.loader`, `data.workers` process
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -45,6 +46,7 @@ from .distributed import (
     all_ranks_agree,
     all_reduce_sum,
     is_comm_failure,
+    run_on_main,
     take_control_bytes,
 )
 from .engine import build_engine
@@ -91,6 +93,7 @@ def _split(n: int, parts: int, index: int) -> tuple[int, int]:
 class EvalResult:
     loss: float
     acc: float
+    perplexity: float | None = None  # exp(loss), for tasks that report it (masked-LM)
     iters_by_difficulty: dict[int, float] = field(default_factory=dict)  # {} for a model without adaptive compute
     acc_by_difficulty: dict[int, float] = field(default_factory=dict)
 
@@ -138,9 +141,11 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         sel = rows[rows[:, 0] == d]
         by_iters[d] = float(sel[:, 1].mean())
         by_acc[d] = float(sel[:, 2].sum() / sel[:, 3].sum().clamp(min=1))
+    loss = float(totals[0] / max(totals[2], 1))
     return EvalResult(
-        loss=float(totals[0] / max(totals[2], 1)),
+        loss=loss,
         acc=float(totals[1] / max(totals[2], 1)),
+        perplexity=math.exp(min(loss, 700.0)) if task.spec.reports_perplexity else None,
         iters_by_difficulty=by_iters if adaptive else {},
         acc_by_difficulty=by_acc,
     )
@@ -177,7 +182,11 @@ class Trainer:
         # An elastic restart (torchrun --max-restarts) resumes by itself from the last good checkpoint.
         self.resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-        self.task = build_task(cfg.data)
+        # a resumed run rebuilds its task from the files it kept (the text task's tokenizer); one rank trains it
+        self.task = build_task(cfg.data, self.path if self.resume else None, share=run_on_main)
+        if env.is_main:
+            for name, text in self.task.run_files().items():
+                (self.path / name).write_text(text)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and world size
         self.model = build_model(cfg, self.task.spec).to(env.device)
         self.strategy = build_strategy(cfg.comm)
@@ -455,6 +464,8 @@ class Trainer:
             metrics.VAL_ACC: res.acc,
             metrics.COMM_BYTES_CUM: int(totals["bytes"]),
         }
+        if res.perplexity is not None:
+            row[metrics.VAL_PERPLEXITY] = res.perplexity
         if res.iters_by_difficulty:
             row[metrics.VAL_EXAMPLE_ITERS_MEAN] = sum(res.iters_by_difficulty.values()) / len(res.iters_by_difficulty)
         self.rundir.log(row)
@@ -482,6 +493,7 @@ class Trainer:
             metrics.PRECISION: cfg.train.precision,
             metrics.FINAL_VAL_ACC: ev.acc if ev else float("nan"),
             metrics.FINAL_VAL_LOSS: ev.loss if ev else float("nan"),
+            **({metrics.FINAL_VAL_PERPLEXITY: ev.perplexity} if ev and ev.perplexity is not None else {}),
             metrics.COMM_BYTES_TOTAL: int(totals["bytes"]),
             metrics.COMM_BYTES_PER_STEP: per_step,
             metrics.COMM_WIRE_BYTES_PER_STEP: wire_per_step,

@@ -51,6 +51,8 @@ class TaskSpec:
     per_token: bool
     targets_per_example: int
     pad_id: int | None
+    #: whether the validation metrics include val/perplexity = exp(val/loss) (masked-LM)
+    reports_perplexity: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def batch(self, split: Split, start: int, count: int) -> Batch:
         """Examples start .. start+count-1 of `split`, stacked."""
+
+    def run_files(self) -> dict[str, str]:
+        """Files (name -> text) the run directory keeps so a resumed run rebuilds this task identically."""
+        return {}
 
 
 class GeneratedTask(Task):

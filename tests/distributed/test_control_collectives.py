@@ -56,3 +56,34 @@ def _on_a_cuda_only_group(rank: int, world: int) -> dict[str, str]:
 def test_a_cuda_only_backend_gets_cuda_tensors_and_the_caller_its_own():
     for res in run_ranks(_on_a_cuda_only_group, 2, backend="cuda:gloo"):
         assert res == {"cpu": "cpu [3.0]", "cuda": "cuda:0 [2.0]"}
+
+
+def _run_on_main(rank: int, world: int) -> dict:
+    from dtrain.config import ConfigError
+    from dtrain.distributed import broadcast_object, run_on_main, take_control_bytes
+
+    take_control_bytes()
+    ran = []
+    value = run_on_main(lambda: ran.append(rank) or {"from": rank, "blob": "x" * 1000})
+    sent = take_control_bytes()
+    picked = broadcast_object(f"rank {rank}", src=1)
+
+    def refuse():
+        raise ConfigError("data.path: /nowhere does not exist")
+
+    try:
+        run_on_main(refuse)
+        error = None
+    except ConfigError as err:
+        error = str(err)
+    return {"value": value, "ran": ran, "sent": sent, "picked": picked, "error": error}
+
+
+def test_run_on_main_runs_once_and_hands_every_rank_its_result_or_its_error():
+    results = run_ranks(_run_on_main, 2)
+    for rank, res in enumerate(results):
+        assert res["value"] == {"from": 0, "blob": "x" * 1000}
+        assert res["ran"] == ([0] if rank == 0 else [])
+        assert res["picked"] == "rank 1"
+        assert res["error"] == "data.path: /nowhere does not exist"  # raised on rank 1 too, instead of a hang
+        assert 1000 < res["sent"] < 1200  # one copy of the pickle (and its size), counted as control bytes

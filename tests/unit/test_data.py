@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from dtrain.config import TASK_NAMES as TASKS
+from dtrain.config import SYNTHETIC_TASKS as TASKS
 from dtrain.config import DataConfig
 from dtrain.data import IGNORE, build_task
 
