@@ -151,6 +151,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "acc": s[metrics.FINAL_VAL_ACC],
                     "bytes": s[metrics.COMM_BYTES_PER_STEP],
                     "ratio": s[metrics.COMPRESSION_RATIO],
+                    "world": s[metrics.WORLD_SIZE],
+                    "wire": s[metrics.COMM_WIRE_BYTES_PER_STEP],
+                    "wire_ratio": s[metrics.COMM_WIRE_RATIO],
                     "allreduce_bytes": s[metrics.COMM_ALLREDUCE_BYTES_PER_STEP],
                     "wall_s": s[metrics.WALL_S],
                     "step_s": s[metrics.TIME_STEP_S_MEAN],
@@ -172,10 +175,13 @@ def table(rows: list[dict[str, Any]], labels: list[str]) -> tuple[str, dict[str,
         by.setdefault(r["label"], []).append(r)
     base = {r["seed"]: r["acc"] for r in by.get("allreduce", [])}
     agg: dict[str, dict[str, float]] = {}
+    worlds = sorted({r["world"] for r in rows})
+    at = f"S = {worlds[0]}" if len(worlds) == 1 else "at its S"
     lines = [
-        "| variant | settings | bytes/step (1 rank) | × fewer than fp32 all-reduce | final val acc "
+        f"| variant | settings | payload/step per rank | wire/step per rank ({at}) "
+        f"| × fewer wire bytes than fp32 ring all-reduce ({at}) | final val acc "
         "| Δ acc vs allreduce (points, same seed) | within 1 point |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label in labels:
         rs = by.get(label)
@@ -189,7 +195,8 @@ def table(rows: list[dict[str, Any]], labels: list[str]) -> tuple[str, dict[str,
         acc_txt = " / ".join(f"{a:.3f}" for a in accs)
         ok = "—" if label == "allreduce" or not deltas else ("yes" if delta >= -1.0 else "no")
         lines.append(
-            f"| {label} | `{settings}` | {format_bytes(rs[0]['bytes'])} | {rs[0]['ratio']:.1f}× | {acc_txt} "
+            f"| {label} | `{settings}` | {format_bytes(rs[0]['bytes'])} | {format_bytes(rs[0]['wire'])} "
+            f"| {rs[0]['wire_ratio']:.1f}× | {acc_txt} "
             f"| {delta:+.1f} | {ok} |"
         )
     return "\n".join(lines), agg

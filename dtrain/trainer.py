@@ -355,8 +355,12 @@ class Trainer:
             if ratio > 1
             else f"{1 / ratio:.1f}x MORE bytes than"
         )
+        perplexity = summary.get(metrics.FINAL_VAL_PERPLEXITY)
+        quality = f"val acc {summary[metrics.FINAL_VAL_ACC]:.4f}" + (
+            f", perplexity {perplexity:.2f}" if perplexity is not None else ""
+        )
         self.say(
-            f"done: {cfg.train.steps} steps | val acc {summary[metrics.FINAL_VAL_ACC]:.4f} | "
+            f"done: {cfg.train.steps} steps | {quality} | "
             f"{format_bytes(summary[metrics.COMM_BYTES_PER_STEP])}/step sent ({versus} fp32 all-reduce) | "
             f"{format_bytes(summary[metrics.COMM_WIRE_BYTES_PER_STEP])}/step on the wire "
             f"({describe_wire_ratio(summary[metrics.COMM_WIRE_RATIO], env.world_size)}) | "

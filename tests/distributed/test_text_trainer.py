@@ -9,6 +9,7 @@ labelled JSONL file that the tests write (tests/helpers/text.py).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -101,3 +102,20 @@ def test_text_batches_are_the_same_through_data_workers(tmp_path):
         train(run, *common, f"data.workers={workers}", config=TEXT_MLM, nproc=1)
         losses[workers] = [r[metric.TRAIN_LOSS] for r in metrics(run) if metric.TRAIN_LOSS in r]
     assert len(losses[0]) == 4 and losses[0] == losses[2]
+
+
+def test_a_resumed_text_run_uses_the_tokenizer_it_started_with(tmp_path):
+    """The resumed run reads tokenizer.json from its run directory, even when the cache that holds the trained
+    tokenizer is gone (training it again would give another WordPiece vocabulary), and ends where an
+    uninterrupted run ends."""
+    common = (*_common(tmp_path, write_text_dir(tmp_path / "corpus")), "train.steps=6", "checkpoint.every=3")
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(full, *common, config=TEXT_MLM, nproc=2)
+    fault = {"DTRAIN_FAULT": "kill@train:step=4,rank=0"}
+    proc = train(part, *common, config=TEXT_MLM, nproc=2, extra_env=fault, check=False)
+    assert proc.returncode != 0 and not (part / "model.pt").exists()
+    started_with = (part / "tokenizer.json").read_text()
+    shutil.rmtree(tmp_path / "cache")
+    train(part, *common, config=TEXT_MLM, nproc=2, resume=True)
+    assert (part / "tokenizer.json").read_text() == started_with
+    assert max_rel_diff(model_state(full), model_state(part)) < 1e-5

@@ -64,6 +64,9 @@ def test_bytes_vs_accuracy_table_compares_each_seed_with_allreduce():
             "acc": 0.90,
             "bytes": 400.0,
             "ratio": 1.0,
+            "world": 4,
+            "wire": 600.0,
+            "wire_ratio": 1.0,
         },
         {
             "label": "rankdad-k1",
@@ -72,11 +75,16 @@ def test_bytes_vs_accuracy_table_compares_each_seed_with_allreduce():
             "acc": 0.885,
             "bytes": 4.0,
             "ratio": 100.0,
+            "world": 4,
+            "wire": 12.0,
+            "wire_ratio": 50.0,
         },
     ]
     text, agg = b.table(rows, ["allreduce", "rankdad-k1"])
     assert agg["rankdad-k1"]["delta"] == pytest.approx(-1.5)
     assert "| rankdad-k1 |" in text and "| no |" in text
+    # wire bytes and the wire ratio, with the world size, beside the payload
+    assert "wire/step per rank (S = 4)" in text and "| 12 B | 50.0× |" in text
 
 
 def test_time_to_target_sums_step_times_up_to_the_first_eval_at_target():
