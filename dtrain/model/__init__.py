@@ -6,6 +6,8 @@
     model.example_iterations()                  # float [B] FPSA iterations per example (mean over layers), or None
 
 The last two are dtrain.metrics.ReportsStatistics: the trainer logs them without knowing about FPSA.
+
+With model.family=hf-bert, build_model returns dtrain.hf.HFBert (a Hugging Face BERT) under the same contract.
 """
 
 from .attention import VanillaAttention

@@ -27,6 +27,10 @@ With fpsa.spectral_norm, W_Q, W_K, W_O are divided by their largest singular val
 forward) and applied with F.linear on the normalised weight: those three then get plain autograd gradients and
 their modules are never called; v is still called as a module.
 
+The machinery is `FixedPointLoop`, over four projections that a subclass names with `projection(name)`:
+`FixedPointAttention` owns q, k, v, o; `dtrain.hf.BertFixedPointAttention` uses a Hugging Face BERT layer's
+query, key, value and output.dense, so the same solve, adjoint and capture rule run inside BERT.
+
 Host syncs: the solve and the adjoint read their exit condition only where a solver.ExitSchedule says (one
 per layer for the training forwards, one for the evaluation forwards, one in the adjoint record), about once
 per solve once the usual count is learnt, and the statistics stay on the device until `fpsa_stats()` reads
@@ -69,21 +73,20 @@ class _LoopMaps:
     scale: torch.Tensor | float
 
 
-class FixedPointAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, cfg: FPSAConfig, learned_temperature: bool = False) -> None:
+class FixedPointLoop(nn.Module):
+    """The FPSA map, its solve and its gradient path, over four projections a subclass provides.
+
+    `projection(name)` returns the nn.Linear used as W_Q, W_K, W_V or W_O (`name` in q, k, v, o): the layer's own
+    (`FixedPointAttention`) or another model's (`dtrain.hf`: the query, key, value and output.dense of a Hugging
+    Face BERT layer, whose parameter names stay as they are). Subclasses call `_init_spectral()` once their
+    projections exist. `forward` is the subclass's; `fixed_point(x, real, bias)` is the layer.
+    """
+
+    def __init__(self, n_heads: int, cfg: FPSAConfig, learned_temperature: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.cfg = cfg
-        self.q = nn.Linear(d_model, d_model)
-        # no key bias: it shifts every logit of a query by the same amount, so softmax ignores it and its
-        # gradient is exactly 0 (only float noise, which Adam would amplify into steps)
-        self.k = nn.Linear(d_model, d_model, bias=False)
-        self.v = nn.Linear(d_model, d_model)
-        self.o = nn.Linear(d_model, d_model)
         self.log_temperature = nn.Parameter(torch.zeros(n_heads)) if learned_temperature else None
-        if cfg.spectral_norm:
-            for name in _LOOP_PROJECTIONS:
-                self.register_buffer(f"{name}_sigma_u", spectral.init_vector(getattr(self, name).weight))
         self.last_solve: SolveStats | None = None
         self.last_adjoint = AdjointRecord()
         # when the forward solve reads its exit condition: one schedule for training and one for evaluation
@@ -91,17 +94,27 @@ class FixedPointAttention(nn.Module):
         # no-op iterations run, never the results)
         self.solve_schedules = {True: ExitSchedule(), False: ExitSchedule()}
 
+    def projection(self, name: str) -> nn.Linear:
+        """The projection `name` (q, k, v or o)."""
+        raise NotImplementedError
+
+    def _init_spectral(self) -> None:
+        """With fpsa.spectral_norm: the power-iteration vectors of W_Q, W_K, W_O (buffers `<name>_sigma_u`)."""
+        if self.cfg.spectral_norm:
+            for name in _LOOP_PROJECTIONS:
+                self.register_buffer(f"{name}_sigma_u", spectral.init_vector(self.projection(name).weight))
+
     # ------------------------------------------------------------------------------------------ the map f
 
     def _scale(self) -> torch.Tensor | float:
-        base = 1.0 / math.sqrt(self.q.in_features // self.n_heads)
+        base = 1.0 / math.sqrt(self.projection("q").in_features // self.n_heads)
         if self.log_temperature is None:
             return base
         return base * torch.exp(-self.log_temperature)[:, None, None]
 
     def _loop_weights(self) -> dict[str, torch.Tensor]:
         """W_Q, W_K, W_O for this forward, spectrally normalised once here when configured."""
-        weights = {name: getattr(self, name).weight for name in _LOOP_PROJECTIONS}
+        weights = {name: self.projection(name).weight for name in _LOOP_PROJECTIONS}
         if self.cfg.spectral_norm:
             weights = {
                 name: spectral.normalise(w, getattr(self, f"{name}_sigma_u"), update=self.training)
@@ -112,14 +125,14 @@ class FixedPointAttention(nn.Module):
     def _live_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
         """The maps whose parameter gradients are wanted: module calls (F.linear on normalised weights with SN)."""
         if not self.cfg.spectral_norm:
-            return _LoopMaps(q=self.q, k=self.k, o=self.o, scale=scale)
-        fns = {name: partial(F.linear, weight=weights[name], bias=getattr(self, name).bias) for name in weights}
+            return _LoopMaps(q=self.projection("q"), k=self.projection("k"), o=self.projection("o"), scale=scale)
+        fns = {name: partial(F.linear, weight=weights[name], bias=self.projection(name).bias) for name in weights}
         return _LoopMaps(**fns, scale=scale)
 
     def _frozen_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
         """The same maps on detached parameters: for the no-grad solve and the adjoint's Jᵀλ products."""
         fns = {
-            name: partial(F.linear, weight=weights[name].detach(), bias=_detached(getattr(self, name).bias))
+            name: partial(F.linear, weight=weights[name].detach(), bias=_detached(self.projection(name).bias))
             for name in weights
         }
         return _LoopMaps(**fns, scale=scale.detach() if isinstance(scale, torch.Tensor) else scale)
@@ -136,11 +149,12 @@ class FixedPointAttention(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def fixed_point(self, x: torch.Tensor, real: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer on its input x [B, L, D]: Z* - X with re-injection, Z* without. `real`: bool [B, L], the
+        tokens that iterate (padding never does); `bias`: the additive attention bias (broadcast to the scores
+        [B, H, L, L]) or None."""
         cfg = self.cfg
-        real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        bias = key_padding_bias(mask, x.dtype)
-        v = split_heads(self.v(x), self.n_heads)
+        v = split_heads(self.projection("v")(x), self.n_heads)
         weights, scale = self._loop_weights(), self._scale()
         differentiable = torch.is_grad_enabled()
         schedule = self.solve_schedules[self.training]
@@ -195,3 +209,25 @@ class FixedPointAttention(nn.Module):
             for _ in range(cfg.phantom_steps):
                 y = self.step(live, y, x, v, bias)
         return z_star + (y - y.detach())
+
+
+class FixedPointAttention(FixedPointLoop):
+    """dtrain's FPSA layer: it owns its projections q, k, v, o (d_model x d_model; k without bias), the same
+    parameters as `VanillaAttention`, and takes the boolean key mask (True = real token) of dtrain's models."""
+
+    def __init__(self, d_model: int, n_heads: int, cfg: FPSAConfig, learned_temperature: bool = False) -> None:
+        super().__init__(n_heads, cfg, learned_temperature)
+        self.q = nn.Linear(d_model, d_model)
+        # no key bias: it shifts every logit of a query by the same amount, so softmax ignores it and its
+        # gradient is exactly 0 (only float noise, which Adam would amplify into steps)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+        self._init_spectral()
+
+    def projection(self, name: str) -> nn.Linear:
+        return getattr(self, name)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return self.fixed_point(x, real, key_padding_bias(mask, x.dtype))

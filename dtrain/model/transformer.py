@@ -153,5 +153,10 @@ class SelfTransformer(nn.Module):
         return torch.stack([s.example_iters() for s in solves]).sum(dim=0)
 
 
-def build_model(cfg: Config, spec: TaskSpec) -> SelfTransformer:
+def build_model(cfg: Config, spec: TaskSpec) -> nn.Module:
+    """The SELF-Transformer, or with model.family=hf-bert a Hugging Face BERT of the same sizes (dtrain.hf)."""
+    if cfg.model.family == "hf-bert":
+        from dtrain.hf import build_hf_bert  # lazy: transformers is the optional extra dtrain[hf]
+
+        return build_hf_bert(cfg, spec)
     return SelfTransformer(cfg, spec)
