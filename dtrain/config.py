@@ -183,7 +183,11 @@ class CommConfig(_Section):
     strategy: Literal[STRATEGY_NAMES] = "allreduce"  # type: ignore[valid-type]
     rank: int = Field(4, ge=1, description="compression rank (powersgd, ddp-powersgd, rankdad)")
     power_iters: int = Field(1, ge=1, description="subspace iterations per step (rankdad)")
-    rankdad_mode: Literal["oneway", "twoway"] = "oneway"
+    rankdad_mode: Literal["oneway", "twoway", "allreduce"] = Field(
+        "oneway",
+        description="rankdad: oneway/twoway all-gather each rank's factors (one round trip; wire bytes grow as "
+        "(S-1) x payload); allreduce finds the summed gradient's subspace with two all-reduces (2(S-1)/S x payload)",
+    )
     spectrum_every: int = Field(
         10,
         ge=0,

@@ -41,6 +41,7 @@ from .codecs.base import LayerCodec, LayerStep, Pending
 from .codecs.factors import FactorsCodec
 from .codecs.rest import RESIDUAL, HalfPrecisionGather
 from .codecs.rows import RowsCodec
+from .codecs.subspace import SubspaceCodec
 from .comm import Comm
 from .dtypes import wire_dtype
 from .plan import CostModelPlan, FixedPlan
@@ -221,19 +222,22 @@ def build_dad(options: Any, group: dist.ProcessGroup | None = None) -> CapturedS
 
 
 def build_rankdad(options: Any, group: dist.ProcessGroup | None = None) -> CapturedStrategy:
-    """`rankdad`: every captured layer sends k low-rank factors of its Δᵀ A. Lossy."""
-    return CapturedStrategy("rankdad", options, group, lambda s: FixedPlan(FactorsCodec(options)))
+    """`rankdad`: every captured layer sends k low-rank factors of its Δᵀ A (all-gathered, `oneway`/`twoway`),
+    or finds the summed gradient's subspace by all-reduce (`allreduce`). Lossy."""
+    codec = SubspaceCodec if options.rankdad_mode == "allreduce" else FactorsCodec
+    return CapturedStrategy("rankdad", options, group, lambda s: FixedPlan(codec(options)))
 
 
 def build_auto(options: Any, group: dist.ProcessGroup | None = None) -> CapturedStrategy:
-    """`auto`: per layer the cheapest of all-reduce, rows and factors under the byte cost model."""
+    """`auto`: per layer the cheapest of all-reduce, rows, all-gathered factors and all-reduced factors under the
+    byte cost model at this world size."""
     return CapturedStrategy(
         "auto",
         options,
         group,
         lambda s: CostModelPlan(
             RowsCodec(),
-            FactorsCodec(options),
+            [FactorsCodec(options), SubspaceCodec(options)],
             options,
             s.comm.world_size,
             s.comm.rank == 0,

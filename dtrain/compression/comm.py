@@ -87,14 +87,18 @@ class Comm:
         """`all_gather` started now; its `wait()` returns the parts and charges the bytes."""
         return AsyncGather(self, tensor, name)
 
+    def all_reduce_async(self, tensor: torch.Tensor, name: str) -> AsyncReduce:
+        """In-place sum over ranks, started now; its `wait()` returns the tensor and charges the bytes."""
+        return AsyncReduce(self, tensor, name)
+
     def exchange_counts(self, counts: list[int], name: str = "meta/counts") -> list[list[int]]:
         """All-gather a short list of ints (e.g. rows per layer): result[r] is rank r's list."""
         t = torch.tensor(counts, dtype=torch.int64, device=self.device)
         return [p.tolist() for p in self.all_gather(t, name)]
 
 
-class AsyncGather:
-    """An all_gather started with async_op=True; `wait()` returns the parts (rank order) and charges `Comm`.
+class _InFlight:
+    """A collective started with async_op=True: the timing both kinds share.
 
     Bytes are accounted at `wait()`; seconds are the time spent in the launch call plus the wait (what the step
     was blocked on). `launched`/`done` are perf_counter stamps for the overlap benchmark; `done` is the first
@@ -102,36 +106,73 @@ class AsyncGather:
     gloo's worker thread can be released there during interpreter shutdown, which aborts the process.)
     """
 
-    def __init__(self, comm: Comm, tensor: torch.Tensor, name: str) -> None:
-        self.comm, self.name = comm, name
-        tensor = tensor.contiguous()
-        self.nbytes = tensor.numel() * tensor.element_size()
-        S = comm.world_size
+    def __init__(self, comm: Comm, name: str, nbytes: int) -> None:
+        self.comm, self.name, self.nbytes = comm, name, nbytes
         self.launched = time.perf_counter()
         self.done: float | None = None
+        self.work: dist.Work | None = None
         self._accounted = False
-        if S > 1:
-            self.parts = [torch.empty_like(tensor) for _ in range(S)]
-            self.work = dist.all_gather(self.parts, tensor, group=comm.group, async_op=True)
-        else:
-            self.parts, self.work, self.done = [tensor], None, self.launched
+
+    def _started(self, work: dist.Work | None) -> None:
+        self.work = work
+        if work is None:
+            self.done = self.launched
         self.blocked = time.perf_counter() - self.launched
 
     def poll(self) -> None:
         if self.done is None and self.work is not None and self.work.is_completed():
             self.done = time.perf_counter()
 
+    def _complete(self, result: torch.Tensor, recv: int, wire: float) -> bool:
+        """Wait for the collective (once) and charge it; False if it was already accounted."""
+        if self._accounted:
+            return False
+        if self.work is not None:
+            self.poll()
+            t0 = time.perf_counter()
+            self.work.wait()
+            _settle(result)
+            self.blocked += time.perf_counter() - t0
+            if self.done is None:
+                self.done = time.perf_counter()
+        self.comm.account(self.name, self.nbytes, recv, wire, self.blocked)
+        self._accounted = True
+        return True
+
+
+class AsyncGather(_InFlight):
+    """An all_gather in flight; `wait()` returns the parts (rank order) and charges `Comm`: (S−1) × payload."""
+
+    def __init__(self, comm: Comm, tensor: torch.Tensor, name: str) -> None:
+        tensor = tensor.contiguous()
+        super().__init__(comm, name, tensor.numel() * tensor.element_size())
+        if comm.world_size > 1:
+            self.parts = [torch.empty_like(tensor) for _ in range(comm.world_size)]
+            self._started(dist.all_gather(self.parts, tensor, group=comm.group, async_op=True))
+        else:
+            self.parts = [tensor]
+            self._started(None)
+
     def wait(self) -> list[torch.Tensor]:
-        if not self._accounted:
-            if self.work is not None:
-                self.poll()
-                t0 = time.perf_counter()
-                self.work.wait()
-                _settle(self.parts[0])
-                self.blocked += time.perf_counter() - t0
-                if self.done is None:
-                    self.done = time.perf_counter()
-            S = self.comm.world_size
-            self.comm.account(self.name, self.nbytes, (S - 1) * self.nbytes, (S - 1) * self.nbytes, self.blocked)
-            self._accounted = True
+        others = (self.comm.world_size - 1) * self.nbytes
+        self._complete(self.parts[0], others, others)
         return self.parts
+
+
+class AsyncReduce(_InFlight):
+    """A sum all_reduce in flight, in place in its tensor; `wait()` returns it and charges `Comm` as a ring:
+    2(S−1)/S × payload on the wire."""
+
+    def __init__(self, comm: Comm, tensor: torch.Tensor, name: str) -> None:
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name}: all_reduce_async needs a contiguous tensor (it reduces in place)")
+        _settle(tensor)  # queued compute that produced `tensor` is not communication
+        super().__init__(comm, name, tensor.numel() * tensor.element_size())
+        self.tensor = tensor
+        S = comm.world_size
+        self._started(dist.all_reduce(tensor, group=comm.group, async_op=True) if S > 1 else None)
+
+    def wait(self) -> torch.Tensor:
+        S = self.comm.world_size
+        self._complete(self.tensor, self.nbytes, 2.0 * (S - 1) / S * self.nbytes)
+        return self.tensor

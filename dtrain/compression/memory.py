@@ -3,6 +3,7 @@
 - `TensorMemory`: named tensors with `state_dict` (warm-start factors Q of PowerSGD and rank-dAD).
 - `ErrorFeedback`: the one error-feedback memory of every lossy codec (PowerSGD's factors, rank-dAD's factors,
   the 16-bit rest of the dAD family).
+- `StepUndo`: a step's memory before each update, restored if the step's decoded gradients are not finite.
 
 Names are parameter or layer names, so a checkpoint stays readable and survives a change of bucketing.
 """
@@ -77,3 +78,34 @@ class ErrorFeedback(TensorMemory):
         residual = compensated.addmm_(p, q.T, alpha=-1.0)
         self.put(name, residual)
         return residual
+
+
+class StepUndo:
+    """What a step changed in some memories, to take back if the step turns out non-finite (the trainer's
+    nan_policy then skips it), instead of poisoning every later step with NaN residuals or warm starts.
+
+    Per layer: `remember(name)` before the memories are updated, `decoded(grad)` for the gradient delivered.
+    `end_step()` makes ONE fused finiteness check (one host sync per step, not one per layer) and restores what
+    was remembered if any decoded gradient holds a NaN or Inf. The decoded gradients are the same on every rank,
+    so all ranks decide alike."""
+
+    def __init__(self, *memories: TensorMemory) -> None:
+        self.memories = memories
+        self._before: list[tuple[str, list[torch.Tensor | None]]] = []
+        self._sums: list[torch.Tensor] = []
+
+    def remember(self, name: str) -> None:
+        self._before.append((name, [memory.get(name) for memory in self.memories]))
+
+    def decoded(self, grad: torch.Tensor) -> None:
+        self._sums.append(grad.sum())
+
+    def end_step(self) -> None:
+        if self._sums and not bool(torch.isfinite(torch.stack(self._sums)).all()):
+            for name, before in reversed(self._before):
+                for memory, tensor in zip(self.memories, before):
+                    if tensor is None:
+                        memory.drop(name)
+                    else:
+                        memory.put(name, tensor)
+        self._before, self._sums = [], []

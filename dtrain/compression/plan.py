@@ -1,15 +1,18 @@
 """Plans of the dAD family: which codec each captured Linear layer uses.
 
 - `FixedPlan`: one codec for every layer (`dad`: rows, `rankdad`: factors).
-- `CostModelPlan` (`auto`): per layer the cheapest of all-reduce, the rows codec and the factors codec under a
-  byte cost model, the codecs' own `wire_bytes` (the `CommStats.wire_bytes` convention):
+- `CostModelPlan` (`auto`): per layer the cheapest of all-reduce, the rows codec and the two factor codecs under
+  a byte cost model at this world size S, the codecs' own `wire_bytes` (the `CommStats.wire_bytes` convention):
 
-      allreduce  2(S−1)/S · in·out · 4
-      dad        (S−1) · N · (in+out) · 4 (2 under 16-bit autocast)   N = rows per rank (max over ranks)
-      rankdad    (S−1) · k · (in+out) · bytes(factor)  k = min(comm.rank, in, out, N)
+      allreduce          2(S−1)/S · in·out · 4
+      dad                (S−1) · N · (in+out) · 4 (2 under 16-bit autocast)   N = rows per rank (max over ranks)
+      rankdad            (S−1) · k · (in+out) · bytes(factor)       k = min(comm.rank, in, out, N): all-gather
+      rankdad-allreduce  2(S−1)/S · iters · k · (in+out) · bytes(factor)     k = min(comm.rank, in, out, S·N)
 
-  The exact choice is the cheaper of allreduce and dad (ties go to allreduce, which needs no capture); rankdad
-  is lossy, so it is chosen only when it beats that exact choice by comm.min_compression_rate. Rows are known only
+  The exact choice is the cheaper of allreduce and dad (ties go to allreduce, which needs no capture); the lossy
+  choice is the cheaper of the two factor forms (ties go to the all-gather, one round trip instead of two: so at
+  S = 2, where their bytes are equal, rankdad; beyond, rankdad-allreduce). The lossy choice is taken only when it
+  beats the exact one by comm.min_compression_rate. Rows are known only
   after a forward pass, so the plan is made at the first synchronize from that step's row counts (identical on
   every rank) and then fixed for the run. Layers planned as allreduce are released from capture: that first step
   their gradient is formed locally from the captured pair and all-reduced with the rest; afterwards autograd
@@ -46,10 +49,15 @@ def layer_costs(
     return costs
 
 
+#: the lossy methods `auto` weighs, in order of preference on a tie
+LOSSY = ("rankdad", "rankdad-allreduce")
+
+
 def choose_method(costs: dict[str, float], min_compression_rate: float) -> str:
     exact = "dad" if costs["dad"] < costs[ALLREDUCE] else ALLREDUCE
-    if costs["rankdad"] * min_compression_rate < costs[exact]:
-        return "rankdad"
+    lossy = min((m for m in LOSSY if m in costs), key=lambda m: costs[m])  # min keeps the first of equals
+    if costs[lossy] * min_compression_rate < costs[exact]:
+        return lossy
     return exact
 
 
@@ -95,14 +103,14 @@ class CostModelPlan:
     def __init__(
         self,
         rows: LayerCodec,
-        factors: LayerCodec,
+        factors: Sequence[LayerCodec],
         options: Any,
         world_size: int,
         is_main: bool,
         captures: Callable[[], Sequence[LinearCapture]],
         release: Callable[[list[LayerStep]], None],
     ) -> None:
-        self._by_method = {rows.name: rows, factors.name: factors}
+        self._by_method = {c.name: c for c in (rows, *factors)}
         self.options = options
         self.world_size = world_size
         self.is_main = is_main
@@ -132,7 +140,6 @@ class CostModelPlan:
         return [layer for layer in layers if self.plan[layer.capture.name]["method"] != ALLREDUCE]
 
     def _make(self, layers: list[LayerStep]) -> dict[str, dict[str, Any]]:
-        factors = self._by_method["rankdad"]
         plan = {}
         for layer in layers:
             c = layer.capture
@@ -140,14 +147,12 @@ class CostModelPlan:
             costs = layer_costs(
                 self.codecs(), c.in_features, c.out_features, rows, self.world_size, layer.a.element_size()
             )
-            plan[c.name] = {
-                "method": choose_method(costs, self.options.min_compression_rate),
-                "in": c.in_features,
-                "out": c.out_features,
-                "rows": rows,
-                "k": factors.rank_for(c.in_features, c.out_features, rows),  # type: ignore[attr-defined]
-                "wire_bytes": costs,
-            }
+            method = choose_method(costs, self.options.min_compression_rate)
+            plan[c.name] = {"method": method, "in": c.in_features, "out": c.out_features, "rows": rows}
+            if method in LOSSY:  # the rank it will use (the all-reduce form bounds it by all ranks' rows)
+                total = rows if method == "rankdad" else sum(layer.rows)
+                plan[c.name]["k"] = self._by_method[method].rank_for(c.in_features, c.out_features, total)
+            plan[c.name]["wire_bytes"] = costs
         return plan
 
     def state_dict(self) -> dict[str, Any]:
@@ -163,8 +168,8 @@ class CostModelPlan:
         return {
             "strategy": strategy,
             "cost_model": "wire bytes per rank per step: allreduce 2(S-1)/S*in*out*4, dad (S-1)*N*(in+out)*4, "
-            "rankdad (S-1)*k*(in+out)*bytes(factor); rankdad only if min_compression_rate times "
-            "cheaper than the exact choice",
+            "rankdad (S-1)*k*(in+out)*bytes(factor), rankdad-allreduce 2(S-1)/S*iters*k*(in+out)*bytes(factor); "
+            "the cheaper factor form only if min_compression_rate times cheaper than the exact choice",
             "world_size": world_size,
             "rank": self.options.rank,
             "min_compression_rate": self.options.min_compression_rate,

@@ -14,13 +14,18 @@ from tests.helpers.launch import metrics, summary, train
 pytestmark = pytest.mark.faults
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
-def test_a_nan_on_rank_1_at_step_4_skips_exactly_that_step_on_every_rank(tmp_path: Path, strategy: str):
-    run = tmp_path / strategy
+# every strategy, and rank-dAD's all-reduce form (its own codec, its own memory)
+VARIANTS = {name: (f"comm.strategy={name}",) for name in STRATEGY_NAMES}
+VARIANTS["rankdad-allreduce"] = ("comm.strategy=rankdad", "comm.rankdad_mode=allreduce")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_nan_on_rank_1_at_step_4_skips_exactly_that_step_on_every_rank(tmp_path: Path, variant: str):
+    run = tmp_path / variant
     # PowerSGD compresses from step 3 (start_step 2), so the NaN meets its residuals and warm starts
     proc = train(
         run,
-        f"comm.strategy={strategy}",
+        *VARIANTS[variant],
         "train.steps=10",
         "train.consistency_every=1",
         "comm.rank=2",

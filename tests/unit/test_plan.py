@@ -19,3 +19,22 @@ def test_auto_cost_model_picks_each_method_where_it_pays():
     assert pick(16, 5, n=4096) == "allreduce"  # tiny layer: its gradient is smaller than anything else
     assert pick(512, 512, n=4096, k=128) == "allreduce"  # k(in+out) not min_compression_rate below in·out
     assert pick(512, 512, n=4096, s=1) == "allreduce"  # one rank: nothing travels, stay exact
+
+
+def test_auto_weighs_both_factor_forms_by_their_wire_bytes_at_the_world_size():
+    from dtrain.compression.codecs.subspace import SubspaceCodec
+
+    options = CommConfig(strategy="auto", rank=4).options()
+    codecs = [RowsCodec(), FactorsCodec(options), SubspaceCodec(options)]
+
+    def costs(s):
+        return layer_costs(codecs, 512, 512, 4096, s)
+
+    # the all-gather grows as (S−1) × payload, the all-reduce form stays at 2(S−1)/S × payload
+    payload = 4 * (512 + 512) * 4
+    for s in (2, 4, 8, 16):
+        assert costs(s)["rankdad"] == (s - 1) * payload
+        assert costs(s)["rankdad-allreduce"] == 2 * (s - 1) / s * payload
+    assert choose_method(costs(2), 2.0) == "rankdad"  # equal bytes at S = 2: one round trip beats two
+    assert choose_method(costs(4), 2.0) == "rankdad-allreduce"
+    assert choose_method(costs(16), 2.0) == "rankdad-allreduce"

@@ -43,7 +43,7 @@ from ..lowrank import (
     subspace_iteration,
     truncate,
 )
-from ..memory import ErrorFeedback, TensorMemory
+from ..memory import ErrorFeedback, StepUndo, TensorMemory
 from .base import LayerCodec, LayerStep, Pending
 
 
@@ -57,9 +57,7 @@ class FactorsCodec(LayerCodec):
         self.starts = TensorMemory()
         self.step = 0
         self._index: dict[str, int] = {}
-        # this step's memory before each layer's update, and each decoded gradient's sum (see `end_step`)
-        self._undo: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []
-        self._decoded: list[torch.Tensor] = []
+        self._undo = StepUndo(self.starts, self.residuals)
 
     def bind(self, layer_names: list[str]) -> None:
         self._index = {name: i for i, name in enumerate(layer_names)}
@@ -110,7 +108,7 @@ class FactorsCodec(LayerCodec):
         if (twoway or log_spectrum) and not bool(torch.isfinite(p_sum).all() and torch.isfinite(q_all).all()):
             # an SVD of non-finite factors raises: decide now (the gathered factors are the same on every rank,
             # so all ranks decide alike); `end_step` leaves the memory as it was
-            self._decoded.append(p_sum.sum())
+            self._undo.decoded(p_sum)
             return p_sum @ q_all.T
         if not twoway:
             grad = p_sum @ q_all.T
@@ -122,8 +120,8 @@ class FactorsCodec(LayerCodec):
             if log_spectrum:
                 self._log_spectrum(comm, c.name, sigma, k)
 
-        self._undo.append((c.name, self.starts.get(c.name), self.residuals.get(c.name)))
-        self._decoded.append(grad.sum())
+        self._undo.remember(c.name)
+        self._undo.decoded(grad)
         if self.options.warm_start:
             self.starts.put(c.name, q)
         if target is not None:
@@ -149,17 +147,9 @@ class FactorsCodec(LayerCodec):
         self.residuals.rescale_(ratio)  # warm starts are directions: subspace iteration ignores their scale
 
     def end_step(self) -> None:
-        """A step whose decoded gradients are not all finite (the trainer's nan_policy skips it) leaves warm starts
-        and residuals as they were, instead of poisoning every later step. One fused check, one host sync per
-        step (not one per layer); the decoded gradients are the same on every rank, so all ranks decide alike."""
-        if self._decoded and not bool(torch.isfinite(torch.stack(self._decoded)).all()):
-            for name, start, residual in reversed(self._undo):
-                for memory, before in ((self.starts, start), (self.residuals, residual)):
-                    if before is None:
-                        memory.drop(name)
-                    else:
-                        memory.put(name, before)
-        self._undo, self._decoded = [], []
+        """A step whose decoded gradients are not all finite leaves warm starts and residuals as they were
+        (`memory.StepUndo`)."""
+        self._undo.end_step()
         self.step += 1
 
     # ------------------------------------------------------------------ checkpoints, plan.json
