@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .compression.registry import EXACT_STRATEGIES, STRATEGIES, STRATEGY_NAMES, strategy_options
 
@@ -35,6 +35,25 @@ __all__ = [
     "dump_config",
     "load_config",
 ]
+
+
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+
+
+def link_bytes_per_s(rate: str) -> float:
+    """A link rate in tc's notation ("100mbit", "1.5gbit") as bytes per second."""
+    text = str(rate).strip().lower()
+    for unit in sorted(_RATE_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value > 0:
+                return value * _RATE_UNITS[unit] / 8
+            break
+    raise ValueError(f"comm.link_rate: {rate!r} is not a rate such as 100mbit, 1gbit or 25gbit")
 
 
 class ConfigError(ValueError):
@@ -198,6 +217,21 @@ class CommConfig(_Section):
     warm_start: bool = True
     start_step: int = Field(2, ge=1, description="powersgd: steps of plain all-reduce before compressing")
     min_compression_rate: float = Field(2.0, ge=1.0)
+    link_rate: str | None = Field(
+        None,
+        description="auto: each rank's link rate (tc's notation: 100mbit, 1gbit, 25gbit); with it auto weighs "
+        "time, latency x messages + wire bytes / rate, instead of bytes alone",
+    )
+    link_latency_us: float = Field(
+        50.0, ge=0.0, description="auto with link_rate: the latency of one message of a ring step, microseconds"
+    )
+
+    @field_validator("link_rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            link_bytes_per_s(value)
+        return value
     factor_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     bucket_mb: float = Field(25.0, gt=0.0)
     rest_dtype: Literal["fp32", "bf16", "fp16"] = Field(

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..config import link_bytes_per_s
 from .capture import LinearCapture
 from .codecs.base import LayerCodec, LayerStep
 
@@ -51,6 +52,16 @@ def layer_costs(
 
 #: the lossy methods `auto` weighs, in order of preference on a tie
 LOSSY = ("rankdad", "rankdad-allreduce")
+
+
+def layer_seconds(
+    codecs: Sequence[LayerCodec], costs: dict[str, float], world_size: int, link_rate: float, latency_s: float
+) -> dict[str, float]:
+    """`auto`'s time model on a link of `link_rate` bytes/s: messages × latency + wire bytes / rate per method
+    (messages: the ring steps its collectives take one after the other; all-reduce's ring has 2(S−1))."""
+    messages = {ALLREDUCE: 2 * (world_size - 1)}
+    messages.update({c.name: c.messages(world_size) for c in codecs})
+    return {m: messages[m] * latency_s + costs[m] / link_rate for m in costs}
 
 
 def choose_method(costs: dict[str, float], min_compression_rate: float) -> str:
@@ -147,20 +158,29 @@ class CostModelPlan:
             costs = layer_costs(
                 self.codecs(), c.in_features, c.out_features, rows, self.world_size, layer.a.element_size()
             )
-            method = choose_method(costs, self.options.min_compression_rate)
+            seconds = None
+            if self.options.link_rate is not None:
+                rate, latency = link_bytes_per_s(self.options.link_rate), self.options.link_latency_us * 1e-6
+                seconds = layer_seconds(self.codecs(), costs, self.world_size, rate, latency)
+            method = choose_method(seconds or costs, self.options.min_compression_rate)
             plan[c.name] = {"method": method, "in": c.in_features, "out": c.out_features, "rows": rows}
             if method in LOSSY:  # the rank it will use (the all-reduce form bounds it by all ranks' rows)
                 total = rows if method == "rankdad" else sum(layer.rows)
                 plan[c.name]["k"] = self._by_method[method].rank_for(c.in_features, c.out_features, total)
             plan[c.name]["wire_bytes"] = costs
+            if seconds is not None:
+                plan[c.name]["seconds"] = seconds
         return plan
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan}
+        return {"plan": self.plan, "plan_world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A resumed run keeps its plan (applied at the next synchronize) even if N differs now."""
-        self.plan = state["plan"]
+        """A resumed run keeps its plan (applied at the next synchronize) even if N differs now, unless it resumes
+        at another world size (an elastic restart with fewer or more ranks): then the plan is made again at the next
+        synchronize, since every cost depends on S."""
+        same_world = state.get("plan_world_size", self.world_size) == self.world_size
+        self.plan = state["plan"] if same_world else None
 
     def describe(
         self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
@@ -170,6 +190,11 @@ class CostModelPlan:
             "cost_model": "wire bytes per rank per step: allreduce 2(S-1)/S*in*out*4, dad (S-1)*N*(in+out)*4, "
             "rankdad (S-1)*k*(in+out)*bytes(factor), rankdad-allreduce 2(S-1)/S*iters*k*(in+out)*bytes(factor); "
             "the cheaper factor form only if min_compression_rate times cheaper than the exact choice",
+            "time_model": (
+                f"messages x {self.options.link_latency_us} us + wire bytes / {self.options.link_rate}"
+                if self.options.link_rate
+                else "off (comm.link_rate unset): bytes decide"
+            ),
             "world_size": world_size,
             "rank": self.options.rank,
             "min_compression_rate": self.options.min_compression_rate,

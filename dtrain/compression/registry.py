@@ -100,8 +100,8 @@ STRATEGIES: dict[str, StrategySpec] = {
             "auto",
             "dtrain.compression.captured:build_auto",
             False,
-            "per Linear layer the cheapest of all-reduce, dad and rankdad by wire bytes",
-            (*_RANKDAD, "min_compression_rate"),
+            "per Linear layer the cheapest of all-reduce, dad and rankdad's two forms (wire bytes, or time on a link)",
+            (*_RANKDAD, "min_compression_rate", "link_rate", "link_latency_us"),
         ),
     )
 }

@@ -37,6 +37,12 @@ def test_bytes_vs_accuracy_tiny(tmp_path):
     assert "| rankdad-k2-bf16-rest16-pi2 |" in proc.stdout
 
 
+def test_wire_vs_world_tiny(tmp_path):
+    proc = _run_module("wire_vs_world", ["--tiny", "--out", str(tmp_path / "runs")], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| rankdad-allreduce-k4-bf16 |" in proc.stdout and "wire / rank at S = 2" in proc.stdout
+
+
 def test_self_vs_vanilla_tiny_trains_both_models_with_the_trainer(tmp_path):
     docs = tmp_path / "model.md"
     tiny = [

@@ -100,3 +100,14 @@ def test_time_to_target_sums_step_times_up_to_the_first_eval_at_target():
     assert t.time_to_target(metrics, 0.9) == (3, 7.0)
     assert t.time_to_target(metrics, 0.99) == (None, None)
     assert t.rate_bits("100mbit") == 100e6
+
+
+def test_wire_vs_world_table_shows_each_world_size_with_its_ratio():
+    from bench import wire_vs_world as w
+
+    rows = [
+        {"label": "allreduce", "world": s, "payload": 400.0, "wire": 2 * (s - 1) / s * 400, "ratio": 1.0}
+        for s in (2, 4)
+    ] + [{"label": "dad", "world": s, "payload": 100.0, "wire": (s - 1) * 100.0, "ratio": 0} for s in (2, 4)]
+    text = w.table(rows, [2, 4], ["allreduce", "dad"])
+    assert "wire / rank at S = 4" in text and "| allreduce | 400 B | 400 B (1.0×) | 600 B (1.0×) |" in text

@@ -74,6 +74,11 @@ class LayerCodec(abc.ABC):
         the element size of the captured rows, 2 under 16-bit autocast): the cost model of `auto`, in the
         `CommStats.wire_bytes` convention."""
 
+    def messages(self, world_size: int) -> int:
+        """Ring steps one layer's collectives take one after the other per step: the latency term of `auto`'s time
+        model. One ring all-gather has S−1."""
+        return world_size - 1
+
     def end_step(self) -> None:
         """Called once after every synchronised step."""
 

@@ -126,6 +126,10 @@ class SubspaceCodec(LayerCodec):
         payload = self.options.power_iters * k * (in_features + out_features) * element_size(self.options.factor_dtype)
         return 2.0 * (S - 1) / S * payload
 
+    def messages(self, world_size: int) -> int:
+        """Two ring all-reduces per power iteration, one after the other, of 2(S−1) steps each."""
+        return self.options.power_iters * 2 * 2 * (world_size - 1)
+
     def rescale_memory(self, ratio: float) -> None:
         self.residuals.rescale_(ratio)
 
