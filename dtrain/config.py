@@ -232,6 +232,7 @@ class CommConfig(_Section):
         if value is not None:
             link_bytes_per_s(value)
         return value
+
     factor_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     bucket_mb: float = Field(25.0, gt=0.0)
     rest_dtype: Literal["fp32", "bf16", "fp16"] = Field(
