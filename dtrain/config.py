@@ -233,7 +233,11 @@ class CommConfig(_Section):
             link_bytes_per_s(value)
         return value
 
-    factor_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    factor_dtype: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
+        "fp32",
+        description="wire format of the low-rank factors; int8 and fp8 (e4m3) carry one fp32 scale per column and "
+        "only rankdad's all-gather forms (oneway, twoway) take them",
+    )
     bucket_mb: float = Field(25.0, gt=0.0)
     rest_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",

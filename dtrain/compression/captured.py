@@ -43,7 +43,7 @@ from .codecs.rest import RESIDUAL, HalfPrecisionGather
 from .codecs.rows import RowsCodec
 from .codecs.subspace import SubspaceCodec
 from .comm import Comm
-from .dtypes import wire_dtype
+from .dtypes import QUANTIZED, wire_dtype
 from .plan import CostModelPlan, FixedPlan
 from .scheduler import LayerScheduler
 
@@ -237,7 +237,8 @@ def build_auto(options: Any, group: dist.ProcessGroup | None = None) -> Captured
         group,
         lambda s: CostModelPlan(
             RowsCodec(),
-            [FactorsCodec(options), SubspaceCodec(options)],
+            # 8-bit factors only travel gathered: the all-reduce form is then not a candidate
+            [FactorsCodec(options)] + ([] if options.factor_dtype in QUANTIZED else [SubspaceCodec(options)]),
             options,
             s.comm.world_size,
             s.comm.rank == 0,

@@ -31,6 +31,24 @@ def _ddp_powersgd_rules(o: Any) -> None:
         )
 
 
+#: factor formats that need each rank's tensor gathered as sent (an all-reduce would sum 8-bit values)
+_GATHER_ONLY_FORMATS = ("int8", "fp8")
+
+
+def _summed_factors_rule(strategy: str):
+    def rule(o: Any) -> None:
+        summed = strategy == "powersgd" or getattr(o, "rankdad_mode", None) == "allreduce"
+        if summed and o.factor_dtype in _GATHER_ONLY_FORMATS:
+            what = "comm.strategy='powersgd'" if strategy == "powersgd" else "comm.rankdad_mode='allreduce'"
+            raise ValueError(
+                f"comm.factor_dtype={o.factor_dtype!r} with {what}: its factors are summed by all-reduce, and a sum "
+                "of 8-bit values with per-rank scales overflows; use bf16/fp16 there, or int8/fp8 with "
+                "comm.strategy=rankdad and comm.rankdad_mode=oneway or twoway"
+            )
+
+    return rule
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     name: str
@@ -81,6 +99,7 @@ STRATEGIES: dict[str, StrategySpec] = {
             False,
             "our PowerSGD: rank-r factors all-reduced, error feedback, warm start",
             ("bucket_mb", *_LOWRANK, "start_step", "min_compression_rate"),
+            _summed_factors_rule("powersgd"),
         ),
         StrategySpec(
             "dad",
@@ -95,6 +114,7 @@ STRATEGIES: dict[str, StrategySpec] = {
             False,
             "rank-dAD: Linear layers send k low-rank factors of Δᵀ A",
             _RANKDAD,
+            _summed_factors_rule("rankdad"),
         ),
         StrategySpec(
             "auto",

@@ -32,6 +32,8 @@ SUITE = {
     "rankdad-twoway-noef": (dict(strategy="rankdad", rank=2, rankdad_mode="twoway", error_feedback=False), STEPS),
     "rankdad-oneway-fp16": (dict(strategy="rankdad", rank=2, rankdad_mode="oneway", factor_dtype="fp16"), 1),
     "rankdad-twoway-fp16": (dict(strategy="rankdad", rank=2, rankdad_mode="twoway", factor_dtype="fp16"), 1),
+    "rankdad-oneway-int8": (dict(strategy="rankdad", rank=2, rankdad_mode="oneway", factor_dtype="int8"), 1),
+    "rankdad-twoway-fp8": (dict(strategy="rankdad", rank=2, rankdad_mode="twoway", factor_dtype="fp8"), 1),
     # the all-reduce form: k = min(in, out) spans the whole gradient, so one power iteration is exact
     "rankdad-allreduce-exact": (dict(strategy="rankdad", rank=32, rankdad_mode="allreduce"), 1),
     "rankdad-allreduce-ef": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce"), STEPS),
@@ -139,7 +141,10 @@ def test_rankdad_error_falls_as_k_grows(world, mode):
 
 
 @WORLDS
-@pytest.mark.parametrize("config", ["rankdad-oneway-fp16", "rankdad-twoway-fp16", "rankdad-allreduce-ef"])
+@pytest.mark.parametrize(
+    "config",
+    ["rankdad-oneway-fp16", "rankdad-twoway-fp16", "rankdad-oneway-int8", "rankdad-twoway-fp8", "rankdad-allreduce-ef"],
+)
 def test_error_feedback_residuals_hold_exactly_what_the_delivered_gradient_misses(world, config):
     """mean_i (G_i + 0 − E_i) = delivered: with fp16 factors for the all-gather forms (the residual must use the
     factors as sent). The all-reduce form sums its factors on the wire, in the factor dtype: what a 16-bit sum
@@ -178,7 +183,15 @@ def _dims(model: ToyEncoder) -> dict[str, tuple[int, int]]:
 @WORLDS
 @pytest.mark.parametrize(
     "config",
-    ["dad", "rankdad-oneway-ef", "rankdad-twoway-noef", "rankdad-oneway-fp16", "rankdad-allreduce-fp16", "auto"],
+    [
+        "dad",
+        "rankdad-oneway-ef",
+        "rankdad-twoway-noef",
+        "rankdad-oneway-fp16",
+        "rankdad-oneway-int8",
+        "rankdad-allreduce-fp16",
+        "auto",
+    ],
 )
 def test_bytes_per_step_equal_the_closed_form(world, config):
     model = seeded_encoder()
@@ -186,7 +199,8 @@ def test_bytes_per_step_equal_the_closed_form(world, config):
     rows = GLOBAL_BATCH // world * 6  # equal on every rank: no padding
     numel = {n: p.numel() for n, p in model.named_parameters()}
     fields, _ = SUITE[config]
-    factor_bytes = 2 if fields.get("factor_dtype") == "fp16" else 4
+    factor_bytes = {"fp16": 2, "int8": 1}.get(fields.get("factor_dtype"), 4)
+    scale_bytes = 4 if fields.get("factor_dtype") == "int8" else 0  # one fp32 scale per column of P and of Q
 
     def closed_form(methods: dict[str, str], counted: int) -> int:
         """`counted`: layers in the (rows, extra-dense flag) int64 exchange; allreduce layers go with the rest."""
@@ -197,7 +211,8 @@ def test_bytes_per_step_equal_the_closed_form(world, config):
             if methods[layer] == "dad":
                 total += rows * (i + o) * 4
             elif methods[layer] == "rankdad":  # one all-gather of this rank's k columns of P and Q
-                total += min(fields.get("rank", 4), i, o, rows) * (i + o) * factor_bytes
+                k = min(fields.get("rank", 4), i, o, rows)
+                total += k * (i + o) * factor_bytes + 2 * k * scale_bytes
             else:  # all-reduce form: P (out × k) and Q (in × k) summed, k bounded by all ranks' rows
                 total += min(fields.get("rank", 4), i, o, world * rows) * (i + o) * factor_bytes
         rest = [n for n in numel if n not in {f"{layer}.weight" for layer in captured}]

@@ -67,3 +67,16 @@ def test_a_strategy_s_own_rules_give_one_line(comm, message):
 def test_rest_dtype_is_refused_for_strategies_that_do_not_split_the_rest():
     with pytest.raises(ConfigError, match="rest_dtype"):
         config_from_dict({"comm": {"strategy": "powersgd", "rest_dtype": "bf16"}})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(strategy="powersgd", factor_dtype="int8"),
+        dict(strategy="rankdad", rankdad_mode="allreduce", factor_dtype="fp8"),
+    ],
+)
+def test_8bit_factors_are_refused_where_factors_are_summed(fields):
+    with pytest.raises(ValueError, match="summed by all-reduce.*overflows"):
+        CommConfig(**fields)
+    CommConfig(strategy="rankdad", rankdad_mode="twoway", factor_dtype="int8")  # gathered as sent: fine

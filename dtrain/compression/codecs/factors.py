@@ -3,14 +3,16 @@
 Rank i factorises its local gradient M_i = Δ_iᵀ A_i (+ E_i, its error-feedback residual) as P_i Q_iᵀ with
 `lowrank.subspace_iteration` (`power_iters` steps, warm-started from the previous step's Q_i when `warm_start`,
 otherwise from a Gaussian seeded by (layer, step), the same on every rank). k = `rank` clipped to
-min(in, out, max_i N_i), the same on every rank. The factors, cast to `factor_dtype`, travel in one all-gather
-per layer ([P_i; Q_i], (out+in)×k), and every rank combines the identical gathered data the same way:
+min(in, out, max_i N_i), the same on every rank. The factors, cast to `factor_dtype` (or, for int8 and fp8,
+scaled per column: `dtypes.encode_columns`), travel in one all-gather per layer ([P_i; Q_i], (out+in)×k), and
+every rank combines the identical gathered data the same way:
 
 - oneway: G = Σ_i P_i Q_iᵀ / S, rank ≤ S·k (the k factor columns act as dAD pseudo-rows);
 - twoway: G = the exact rank-k truncated SVD of that sum, computed from the factors
   (`lowrank.truncate`, O((in+out)(Sk)²)): rank ≤ k, a second approximation error, same bytes.
 
-Error feedback (`error_feedback`, `memory.ErrorFeedback`): delivered = P̂_i Q̂_iᵀ as sent (after the dtype cast);
+Error feedback (`error_feedback`, `memory.ErrorFeedback`): delivered = P̂_i Q̂_iᵀ as sent (after the dtype cast
+or the 8-bit quantisation, which error feedback thus absorbs);
 in twoway each rank also counts the recompression error Σ_j P̂_j Q̂_jᵀ/S − G against itself, so the mean of the
 residuals is exactly what the delivered gradients have missed. The price: one dense out×in fp32 residual per
 layer per rank and forming M_i densely (N·in·out flops), i.e. the compute dAD saves. A step whose decoded
@@ -32,7 +34,7 @@ import torch
 from ... import metrics
 from ..capture import LinearCapture
 from ..comm import Comm
-from ..dtypes import element_size, wire_dtype
+from ..dtypes import QUANTIZED, decode_columns, encode_columns, matrix_bytes, wire_dtype
 from ..lowrank import (
     Dense,
     OuterProduct,
@@ -52,7 +54,9 @@ class FactorsCodec(LayerCodec):
 
     def __init__(self, options: Any) -> None:
         self.options = options
-        self.factor_dtype = wire_dtype(options.factor_dtype)
+        # 8-bit factors travel as scaled columns (`dtypes.encode_columns`), the others as a cast
+        self.quantized = options.factor_dtype in QUANTIZED
+        self.factor_dtype = None if self.quantized else wire_dtype(options.factor_dtype)
         self.residuals = ErrorFeedback()
         self.starts = TensorMemory()
         self.step = 0
@@ -89,17 +93,32 @@ class FactorsCodec(LayerCodec):
         target = self.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
         start = self._start(c.name, c.in_features, k, c.weight)
         p, q = subspace_iteration(op if target is None else Dense(target), start, self.options.power_iters)
-        gather = comm.all_gather_async(torch.cat([p, q]).to(self.factor_dtype), c.name)
+        gather = comm.all_gather_async(self._encode(p, q), c.name)
         return Pending(layer, gather, {"k": k, "q": q, "target": target})
+
+    def _encode(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return torch.cat([p, q]).to(self.factor_dtype)
+        name = self.options.factor_dtype  # P and Q scaled apart: P's columns are unit, Q's carry the σ
+        return torch.cat([encode_columns(p, name), encode_columns(q, name)])
+
+    def _decode(self, part: torch.Tensor, c: LinearCapture, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One rank's gathered (P_i, Q_i), as the values it sent stand for, in the weight's dtype."""
+        dtype = c.weight.dtype
+        if not self.quantized:
+            return part[: c.out_features].to(dtype), part[c.out_features :].to(dtype)
+        name = self.options.factor_dtype
+        split = matrix_bytes(name, c.out_features, k)
+        p = decode_columns(part[:split], name, c.out_features, k)
+        return p.to(dtype), decode_columns(part[split:], name, c.in_features, k).to(dtype)
 
     def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
         if pending.gather is None:
             return None
         c = pending.layer.capture
         k, q, target = pending.data["k"], pending.data["q"], pending.data["target"]
-        parts = pending.gather.wait()
-        ps = [t[: c.out_features].to(c.weight.dtype) for t in parts]
-        qs = [t[c.out_features :].to(c.weight.dtype) for t in parts]
+        decoded = [self._decode(t, c, k) for t in pending.gather.wait()]
+        ps, qs = [p for p, _ in decoded], [q for _, q in decoded]
         p_sum = torch.cat(ps, dim=1).div_(comm.world_size)  # out × S·k: Σ_i P_i Q_iᵀ / S = p_sum q_allᵀ
         q_all = torch.cat(qs, dim=1)
         every = self.options.spectrum_every
@@ -141,7 +160,8 @@ class FactorsCodec(LayerCodec):
 
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
         k = self.rank_for(in_features, out_features, rows)
-        return float((world_size - 1) * k * (in_features + out_features) * element_size(self.options.factor_dtype))
+        name = self.options.factor_dtype
+        return float((world_size - 1) * (matrix_bytes(name, out_features, k) + matrix_bytes(name, in_features, k)))
 
     def rescale_memory(self, ratio: float) -> None:
         self.residuals.rescale_(ratio)  # warm starts are directions: subspace iteration ignores their scale
