@@ -222,6 +222,18 @@ class CommConfig(_Section):
         description="auto: each rank's link rate (tc's notation: 100mbit, 1gbit, 25gbit); with it auto weighs "
         "time, latency x messages + wire bytes / rate, instead of bytes alone",
     )
+    budget_bytes: float | None = Field(
+        None,
+        gt=0,
+        description="rankdad: wire bytes per rank per step for the whole synchronisation; per-layer ranks are chosen "
+        "to fit it from the measured spectra (energy captured per byte), instead of comm.rank for every layer",
+    )
+    budget_ms: float | None = Field(
+        None, gt=0, description="rankdad, with comm.link_rate: the budget as milliseconds on the link per step"
+    )
+    replan_every: int = Field(
+        50, ge=1, description="rankdad with a budget: re-choose the per-layer ranks every this many steps"
+    )
     link_latency_us: float = Field(
         50.0, ge=0.0, description="auto with link_rate: the latency of one message of a ring step, microseconds"
     )

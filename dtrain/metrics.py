@@ -53,6 +53,8 @@ FPSA_ADJ_DAMPED_LAYER = "fpsa/adj_damped_l{layer}"
 RANKDAD_PREFIX = "rankdad/"
 RANKDAD_SIGMA = "rankdad/{layer}/sigma{j}"
 RANKDAD_EFF_RANK = "rankdad/{layer}/eff_rank"
+#: rankdad with a rank budget: the rank each layer used this step
+RANKDAD_K = "rankdad/{layer}/k"
 
 # ---------------------------------------------------------------------------------------------- eval rows
 VAL_PREFIX = "val/"

@@ -326,6 +326,7 @@ class Trainer:
                 last_eval = self._eval_row(evaluate(self.model, self.task, cfg, env), cfg.train.steps, totals, tracker)
             self._save(cfg.train.steps, totals)
             totals["control"] += take_control_bytes()
+            self._log_plan()  # once more at the end: a plan that changed during the run (a rank budget) shows it
         except BaseException as err:
             if self.loader is not None:
                 self.loader.close()

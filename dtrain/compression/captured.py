@@ -44,7 +44,7 @@ from .codecs.rows import RowsCodec
 from .codecs.subspace import SubspaceCodec
 from .comm import Comm
 from .dtypes import QUANTIZED, wire_dtype
-from .plan import CostModelPlan, FixedPlan
+from .plan import BudgetPlan, CostModelPlan, FixedPlan
 from .scheduler import LayerScheduler
 
 
@@ -67,6 +67,9 @@ class Plan(Protocol):
     def describe(
         self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
     ) -> dict[str, Any]: ...
+
+    def end_step(self) -> None:
+        """Called once after every synchronised step, after the codecs' own `end_step`."""
 
 
 class CapturedStrategy(Strategy):
@@ -161,7 +164,18 @@ class CapturedStrategy(Strategy):
         self.rest_sync(self.comm)
         for codec in self.plan.codecs():
             codec.end_step()
+        self.plan.end_step()
         return self.comm.reset()
+
+    def fixed_wire_bytes(self) -> float:
+        """Wire bytes per rank per step that do not depend on any codec's choice: the row-count exchange (two
+        int64 per captured layer, all-gathered) and the rest (fp32 ring all-reduce, or 16-bit all-gather)."""
+        S = self.comm.world_size
+        counts = (S - 1) * 16 * len(self.captures)
+        rest = sum(p.numel() for _, p in (self.source.rest if self.source is not None else []))
+        if self.options.rest_dtype == "fp32":
+            return counts + 2.0 * (S - 1) / S * 4 * rest
+        return counts + (S - 1) * wire_dtype(self.options.rest_dtype).itemsize * rest
 
     def _set_weight_grad(self, layer: LayerStep, grad: torch.Tensor | None) -> None:
         weight = layer.capture.weight
@@ -225,7 +239,16 @@ def build_rankdad(options: Any, group: dist.ProcessGroup | None = None) -> Captu
     """`rankdad`: every captured layer sends k low-rank factors of its Δᵀ A (all-gathered, `oneway`/`twoway`),
     or finds the summed gradient's subspace by all-reduce (`allreduce`). Lossy."""
     codec = SubspaceCodec if options.rankdad_mode == "allreduce" else FactorsCodec
-    return CapturedStrategy("rankdad", options, group, lambda s: FixedPlan(codec(options)))
+    if options.budget_bytes is None and options.budget_ms is None:
+        return CapturedStrategy("rankdad", options, group, lambda s: FixedPlan(codec(options)))
+    return CapturedStrategy(
+        "rankdad",
+        options,
+        group,
+        lambda s: BudgetPlan(
+            codec(options), options, s.comm.world_size, captures=lambda: s.captures, fixed=s.fixed_wire_bytes
+        ),
+    )
 
 
 def build_auto(options: Any, group: dist.ProcessGroup | None = None) -> CapturedStrategy:

@@ -29,6 +29,7 @@ from typing import Any
 from ..config import link_bytes_per_s
 from .capture import LinearCapture
 from .codecs.base import LayerCodec, LayerStep
+from .ranks import LayerCost, allocate
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class FixedPlan:
 
     def apply(self, layers: list[LayerStep]) -> list[LayerStep]:
         return layers
+
+    def end_step(self) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -172,6 +176,9 @@ class CostModelPlan:
                 plan[c.name]["seconds"] = seconds
         return plan
 
+    def end_step(self) -> None:
+        pass
+
     def state_dict(self) -> dict[str, Any]:
         return {"plan": self.plan, "plan_world_size": self.world_size}
 
@@ -199,4 +206,111 @@ class CostModelPlan:
             "rank": self.options.rank,
             "min_compression_rate": self.options.min_compression_rate,
             "plan": self.plan if self.plan is not None else "made at the first synchronize() (needs rows)",
+        }
+
+
+class BudgetPlan:
+    """`rankdad` with `comm.budget_bytes` (or `comm.link_rate` + `comm.budget_ms`): one factor codec, with per-layer
+    ranks that fit the budget (`ranks.allocate`), re-chosen every `comm.replan_every` steps from the spectra the
+    codec measured (every `comm.spectrum_every` steps), the same on every rank.
+
+    The budget covers the whole synchronisation: the codec-independent traffic (row counts, the rest) is taken
+    off first, the factors get what is left. The first allocation, at the first synchronize (rows are known
+    then), has no spectrum yet: every layer gets the same k, the largest that fits. Layers whose ranks change
+    restart their warm start (its shape changed); residuals carry on."""
+
+    def __init__(
+        self,
+        codec: LayerCodec,
+        options: Any,
+        world_size: int,
+        captures: Callable[[], Sequence[LinearCapture]],
+        fixed: Callable[[], float],
+    ) -> None:
+        self._codec = codec
+        self.options = options
+        self.world_size = world_size
+        self._captures = captures
+        self._fixed = fixed
+        self.budget = options.budget_bytes
+        if self.budget is None:
+            self.budget = link_bytes_per_s(options.link_rate) * options.budget_ms / 1e3
+        self.allocated = False
+        self.steps = 0
+        self._rows: dict[str, int] = {}
+        self.history: list[dict[str, Any]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.allocated
+
+    def codecs(self) -> list[LayerCodec]:
+        return [self._codec]
+
+    def codec(self, layer: str) -> LayerCodec:
+        return self._codec
+
+    def _allocate(self) -> None:
+        codec = self._codec
+        bound = self.world_size if codec.name == "rankdad-allreduce" else 1  # the all-reduce form: all ranks' rows
+        costs = [
+            LayerCost(
+                c.name,
+                min(c.in_features, c.out_features, bound * self._rows[c.name]),  # the rank a gradient can have
+                codec.wire_bytes_per_rank(c.in_features, c.out_features, self.world_size),  # type: ignore[attr-defined]
+            )
+            for c in self._captures()
+            if c.name in self._rows
+        ]
+        available = self.budget - self._fixed()
+        try:
+            previous = codec.ranks.per_layer or None  # type: ignore[attr-defined]
+            ranks = allocate(costs, available, codec.ranks.spectra, previous)  # type: ignore[attr-defined]
+        except ValueError as err:
+            raise ValueError(
+                f"comm.budget: {err} for the factors (the budget {self.budget:,.0f} B/step less "
+                f"{self._fixed():,.0f} B of row counts and uncaptured gradients)"
+            ) from None
+        codec.ranks.per_layer = ranks  # type: ignore[attr-defined]
+        spent = sum(c.bytes_per_rank * ranks[c.name] for c in costs)
+        self.history.append({"step": self.steps, "ranks": dict(ranks), "factor_wire_bytes": spent})
+        log.info("rank budget at step %d: %s", self.steps, json.dumps(ranks))
+        self.allocated = True
+
+    def apply(self, layers: list[LayerStep]) -> list[LayerStep]:
+        if not self.allocated:
+            self._rows = {layer.capture.name: max(layer.rows) for layer in layers}
+            self._allocate()
+        return layers
+
+    def end_step(self) -> None:
+        self.steps += 1
+        if self.allocated and self.steps % self.options.replan_every == 0:
+            self._allocate()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"budget_ranks": dict(self._codec.ranks.per_layer) if self.allocated else None}  # type: ignore
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["budget_ranks"]
+        if ranks is not None:
+            self._codec.ranks.per_layer = dict(ranks)  # type: ignore[attr-defined]
+            self.allocated = True
+
+    def describe(
+        self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
+    ) -> dict[str, Any]:
+        return {
+            "strategy": strategy,
+            "layers": {c.name: {"in": c.in_features, "out": c.out_features} for c in captures},
+            "rest_params": list(rest),
+            **self._codec.describe(captures),
+            "budget": {
+                "wire_bytes_per_step": self.budget,
+                "fixed_wire_bytes_per_step": self._fixed(),
+                "rule": "k = 1 per layer, then one rank at a time to the layer whose next σ² buys the most per byte",
+                "replan_every": self.options.replan_every,
+                "ranks": dict(self._codec.ranks.per_layer),  # type: ignore[attr-defined]
+                "history": self.history,
+            },
         }

@@ -31,12 +31,23 @@ def _ddp_powersgd_rules(o: Any) -> None:
         )
 
 
+def _budget_rule(o: Any) -> None:
+    if o.budget_bytes is not None and o.budget_ms is not None:
+        raise ValueError("comm.budget_bytes and comm.budget_ms both set: give the budget one way")
+    if o.budget_ms is not None and o.link_rate is None:
+        raise ValueError(f"comm.budget_ms={o.budget_ms} needs comm.link_rate (e.g. 100mbit) to become bytes")
+    if (o.budget_bytes is not None or o.budget_ms is not None) and o.spectrum_every == 0:
+        raise ValueError("a rank budget re-plans from the measured spectra: comm.spectrum_every must be > 0")
+
+
 #: factor formats that need each rank's tensor gathered as sent (an all-reduce would sum 8-bit values)
 _GATHER_ONLY_FORMATS = ("int8", "fp8")
 
 
 def _summed_factors_rule(strategy: str):
     def rule(o: Any) -> None:
+        if strategy == "rankdad":
+            _budget_rule(o)
         summed = strategy == "powersgd" or getattr(o, "rankdad_mode", None) == "allreduce"
         if summed and o.factor_dtype in _GATHER_ONLY_FORMATS:
             what = "comm.strategy='powersgd'" if strategy == "powersgd" else "comm.rankdad_mode='allreduce'"
@@ -67,6 +78,7 @@ class StrategySpec:
 _LOWRANK = ("rank", "error_feedback", "warm_start", "factor_dtype")
 _CAPTURE = ("bucket_mb", "rest_dtype", "overlap", "error_feedback")
 _RANKDAD = (*_CAPTURE, "rank", "warm_start", "factor_dtype", "power_iters", "rankdad_mode", "spectrum_every")
+_BUDGET = ("budget_bytes", "budget_ms", "replan_every", "link_rate")
 
 STRATEGIES: dict[str, StrategySpec] = {
     s.name: s
@@ -113,7 +125,7 @@ STRATEGIES: dict[str, StrategySpec] = {
             "dtrain.compression.captured:build_rankdad",
             False,
             "rank-dAD: Linear layers send k low-rank factors of Δᵀ A",
-            _RANKDAD,
+            (*_RANKDAD, *_BUDGET),
             _summed_factors_rule("rankdad"),
         ),
         StrategySpec(

@@ -64,6 +64,8 @@ def _train(rank: int, world: int, fields: dict, steps: int) -> dict:
         F.cross_entropy(fwd(tokens), labels).backward()
         stats = strategy.synchronize()
         res["bytes"].append(stats.bytes_sent)
+        res["wire"].append(stats.wire_bytes)
+        res.setdefault("ks", []).append({k: v for k, v in stats.extra.items() if k.endswith("/k")})
         res.setdefault("spectrum_keys", []).append(sum(k.startswith(RANKDAD_PREFIX) for k in stats.extra))
         if step == 0:
             res["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -78,7 +80,20 @@ def _train(rank: int, world: int, fields: dict, steps: int) -> dict:
     return res
 
 
+def _budget_fields(world: int, mode: str) -> dict:
+    """A budget that leaves the factors (fp32) room for about 6 ranks over the three layers: the fixed traffic (row
+    counts, the rest all-reduced in fp32) plus (S−1) × 650 B."""
+    model = seeded_encoder()
+    rest = sum(p.numel() for n, p in model.named_parameters() if n not in {f"{layer}.weight" for layer in LAYERS})
+    fixed = (world - 1) * 16 * len(LAYERS) + 2 * (world - 1) / world * 4 * rest
+    return dict(
+        strategy="rankdad", rankdad_mode=mode, budget_bytes=fixed + (world - 1) * 650, replan_every=5, spectrum_every=5
+    )
+
+
 def _scenario(rank: int, world: int, name: str) -> dict:
+    if name.startswith("budget-"):
+        return _train(rank, world, _budget_fields(world, name.removeprefix("budget-")), STEPS)
     if name.startswith("sweep-"):
         mode = name.removeprefix("sweep-")
         return {k: _train(rank, world, _sweep_fields(mode, k), 1) for k in SWEEP_K}
@@ -347,3 +362,25 @@ def test_dad_on_fpsa_equals_the_global_batch_oracle(variant):
         for res in results:
             err = float((res[name] - p.grad).norm()) / max(float(p.grad.norm()), floor)
             assert err < 1e-5, (variant, name, err)
+
+
+# ============================================================================ ranks from a budget
+
+
+@WORLDS
+@pytest.mark.parametrize("mode", ["oneway", "allreduce"])
+def test_a_rank_budget_is_kept_every_step_and_replanned_from_the_spectra(world, mode):
+    runs = _run(f"budget-{mode}", world)
+    budget = _budget_fields(world, mode)["budget_bytes"]
+    history = runs[0]["describe"]["budget"]["history"]
+    for r in runs:
+        assert max(r["wire"]) <= budget + 1e-6, (max(r["wire"]), budget)
+        assert r["describe"]["budget"]["history"] == history  # every rank chose the same ranks
+        assert r["ks"] == runs[0]["ks"]
+    # the first step, then after every replan_every steps (for the steps that follow: the last is never used)
+    assert [h["step"] for h in history] == [0, 5, 10, 15, 20]
+    assert history[0]["ranks"] == {layer: history[0]["ranks"]["up"] for layer in LAYERS}  # no spectrum yet: uniform
+    assert any(h["ranks"] != history[0]["ranks"] for h in history[1:])  # re-planned from the measured σ
+    # the k each layer used is logged every step, and it is the plan's
+    assert runs[0]["ks"][-1] == {f"rankdad/{layer}/k": history[-2]["ranks"][layer] for layer in LAYERS}
+    assert max(runs[0]["wire"]) > 0.8 * budget  # the budget is used, not left idle

@@ -38,7 +38,6 @@ from ..dtypes import QUANTIZED, decode_columns, encode_columns, matrix_bytes, wi
 from ..lowrank import (
     Dense,
     OuterProduct,
-    clip_rank,
     effective_rank,
     factored_svd,
     random_start,
@@ -46,6 +45,7 @@ from ..lowrank import (
     truncate,
 )
 from ..memory import ErrorFeedback, StepUndo, TensorMemory
+from ..ranks import LayerRanks
 from .base import LayerCodec, LayerStep, Pending
 
 
@@ -62,12 +62,14 @@ class FactorsCodec(LayerCodec):
         self.step = 0
         self._index: dict[str, int] = {}
         self._undo = StepUndo(self.starts, self.residuals)
+        self.ranks = LayerRanks(options.rank)
 
     def bind(self, layer_names: list[str]) -> None:
         self._index = {name: i for i, name in enumerate(layer_names)}
 
-    def rank_for(self, in_features: int, out_features: int, rows: int) -> int:
-        return clip_rank(self.options.rank, in_features, out_features, rows)
+    def rank_for(self, in_features: int, out_features: int, rows: int, name: str | None = None) -> int:
+        """k for a layer (comm.rank, or the layer's rank from a budget), clipped to min(in, out, rows)."""
+        return self.ranks.rank(name, in_features, out_features, rows)
 
     # ------------------------------------------------------------------ one layer
     def _start(self, name: str, in_features: int, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,7 @@ class FactorsCodec(LayerCodec):
     def launch(self, layer: LayerStep, comm: Comm) -> Pending:
         """The local stage (subspace iteration on Δᵀ A, + residual), then the factors' all-gather."""
         c = layer.capture
-        k = self.rank_for(c.in_features, c.out_features, max(layer.rows))
+        k = self.rank_for(c.in_features, c.out_features, max(layer.rows), c.name)
         if k == 0:
             return Pending(layer, None)
         # arithmetic in the weight's dtype (QR has no 16-bit kernels; autocast captures 16-bit rows)
@@ -141,6 +143,8 @@ class FactorsCodec(LayerCodec):
 
         self._undo.remember(c.name)
         self._undo.decoded(grad)
+        if self.ranks.per_layer:  # ranks from a budget: say which this layer used
+            comm.stats.extra[metrics.RANKDAD_K.format(layer=c.name)] = pending.data["k"]
         if self.options.warm_start:
             self.starts.put(c.name, q)
         if target is not None:
@@ -150,18 +154,23 @@ class FactorsCodec(LayerCodec):
                 residual.addmm_(p_sum, q_all.T).sub_(grad)
         return grad
 
-    @staticmethod
-    def _log_spectrum(comm: Comm, name: str, sigma: torch.Tensor, k: int) -> None:
-        """σ_1..σ_k, and the effective rank over all of σ (up to S·k values in oneway)."""
+    def _log_spectrum(self, comm: Comm, name: str, sigma: torch.Tensor, k: int) -> None:
+        """σ_1..σ_k, and the effective rank over all of σ (up to S·k values in oneway); a budget re-plans from σ."""
+        self.ranks.observe(name, sigma)
         extra = comm.stats.extra
         for j, s in enumerate(sigma[:k].tolist(), start=1):
             extra[metrics.RANKDAD_SIGMA.format(layer=name, j=j)] = s
         extra[metrics.RANKDAD_EFF_RANK.format(layer=name)] = effective_rank(sigma)
 
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
-        k = self.rank_for(in_features, out_features, rows)
+        return self.rank_for(in_features, out_features, rows) * self.wire_bytes_per_rank(
+            in_features, out_features, world_size
+        )
+
+    def wire_bytes_per_rank(self, in_features: int, out_features: int, world_size: int) -> float:
+        """What one factor column of P and of Q adds to a rank's link per step: (S−1) × its payload."""
         name = self.options.factor_dtype
-        return float((world_size - 1) * (matrix_bytes(name, out_features, k) + matrix_bytes(name, in_features, k)))
+        return float((world_size - 1) * (matrix_bytes(name, out_features, 1) + matrix_bytes(name, in_features, 1)))
 
     def rescale_memory(self, ratio: float) -> None:
         self.residuals.rescale_(ratio)  # warm starts are directions: subspace iteration ignores their scale

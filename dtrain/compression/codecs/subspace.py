@@ -37,8 +37,9 @@ from ... import metrics
 from ..capture import LinearCapture
 from ..comm import Comm
 from ..dtypes import element_size, wire_dtype
-from ..lowrank import Dense, OuterProduct, clip_rank, effective_rank, orthonormalize, random_start
+from ..lowrank import Dense, OuterProduct, effective_rank, orthonormalize, random_start
 from ..memory import ErrorFeedback, StepUndo, TensorMemory
+from ..ranks import LayerRanks
 from .base import LayerCodec, LayerStep, Pending
 
 
@@ -53,13 +54,15 @@ class SubspaceCodec(LayerCodec):
         self.step = 0
         self._index: dict[str, int] = {}
         self._undo = StepUndo(self.starts, self.residuals)
+        self.ranks = LayerRanks(options.rank)
 
     def bind(self, layer_names: list[str]) -> None:
         self._index = {name: i for i, name in enumerate(layer_names)}
 
-    def rank_for(self, in_features: int, out_features: int, rows: int) -> int:
-        """k for a layer whose ranks hold `rows` rows IN TOTAL (the rank bound of the summed gradient)."""
-        return clip_rank(self.options.rank, in_features, out_features, rows)
+    def rank_for(self, in_features: int, out_features: int, rows: int, name: str | None = None) -> int:
+        """k for a layer whose ranks hold `rows` rows IN TOTAL (the rank bound of the summed gradient): comm.rank,
+        or the layer's rank from a budget."""
+        return self.ranks.rank(name, in_features, out_features, rows)
 
     def _start(self, name: str, in_features: int, k: int, like: torch.Tensor) -> torch.Tensor:
         seed = self.step * max(1, len(self._index)) + self._index[name]
@@ -78,7 +81,7 @@ class SubspaceCodec(LayerCodec):
     def launch(self, layer: LayerStep, comm: Comm) -> Pending:
         """P_i = M_i Q, and its all-reduce started (the second half of the step waits for it in `finish`)."""
         c = layer.capture
-        k = self.rank_for(c.in_features, c.out_features, sum(layer.rows))
+        k = self.rank_for(c.in_features, c.out_features, sum(layer.rows), c.name)
         if k == 0:
             return Pending(layer, None)
         a, delta = layer.a.to(c.weight.dtype), layer.delta.to(c.weight.dtype)
@@ -105,6 +108,7 @@ class SubspaceCodec(LayerCodec):
         every = self.options.spectrum_every
         if every > 0 and self.step % every == 0 and bool(torch.isfinite(q).all()):
             sigma = torch.linalg.svdvals(q) / comm.world_size  # σ of P̂ Qᵀ/S: P̂ has orthonormal columns
+            self.ranks.observe(c.name, sigma)
             extra = comm.stats.extra
             for j, s in enumerate(sigma.tolist(), start=1):
                 extra[metrics.RANKDAD_SIGMA.format(layer=c.name, j=j)] = s
@@ -112,6 +116,8 @@ class SubspaceCodec(LayerCodec):
 
         self._undo.remember(c.name)
         self._undo.decoded(grad)
+        if self.ranks.per_layer:  # ranks from a budget: say which this layer used
+            comm.stats.extra[metrics.RANKDAD_K.format(layer=c.name)] = pending.data["k"]
         if self.options.warm_start:
             self.starts.put(c.name, q)
         if target is not None:
@@ -122,9 +128,14 @@ class SubspaceCodec(LayerCodec):
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
         # `rows` is the most rows on any rank (the cost-model convention); the total is at least that
         k = self.rank_for(in_features, out_features, rows * world_size)
+        return k * self.wire_bytes_per_rank(in_features, out_features, world_size)
+
+    def wire_bytes_per_rank(self, in_features: int, out_features: int, world_size: int) -> float:
+        """What one factor column of P and of Q adds to a rank's link per step: 2(S−1)/S × its payload per
+        power iteration."""
         S = world_size
-        payload = self.options.power_iters * k * (in_features + out_features) * element_size(self.options.factor_dtype)
-        return 2.0 * (S - 1) / S * payload
+        column = (in_features + out_features) * element_size(self.options.factor_dtype)
+        return 2.0 * (S - 1) / S * self.options.power_iters * column
 
     def messages(self, world_size: int) -> int:
         """Two ring all-reduces per power iteration, one after the other, of 2(S−1) steps each."""
