@@ -3,7 +3,7 @@
 - a gradient source (`capture.GradientSource`): (A, Δ) of every managed Linear layer, the rest dense;
 - a plan (`plan.FixedPlan`, `plan.CostModelPlan`): which codec each captured layer uses (`codecs/`);
 - a scheduler (`scheduler.LayerScheduler`): when each layer's collective starts (overlap with backward);
-- the rest's codec: `buckets.BucketedMean` (fp32, exact) or `codecs.rest.HalfPrecisionGather` (`comm.rest_dtype`);
+- the rest's codec: `buckets.BucketedMean` (fp32, exact) or `codecs.rest.HalfPrecisionRest` (`comm.rest_dtype`);
 - `Comm`, through which every byte travels and is counted.
 
 The strategies differ only in their plan: `dad` sends every layer's rows (exact), `rankdad` its low-rank factors,
@@ -39,7 +39,7 @@ from .buckets import BucketedMean
 from .capture import GradientSource, LinearCapture
 from .codecs.base import LayerCodec, LayerStep, Pending
 from .codecs.factors import FactorsCodec
-from .codecs.rest import RESIDUAL, HalfPrecisionGather
+from .codecs.rest import RESIDUAL, HalfPrecisionRest
 from .codecs.rows import RowsCodec
 from .codecs.subspace import SubspaceCodec
 from .comm import Comm
@@ -81,7 +81,7 @@ class CapturedStrategy(Strategy):
         self.comm = Comm(group)
         self.plan = make_plan(self)
         self.source: GradientSource | None = None
-        self.rest_sync: BucketedMean | HalfPrecisionGather | None = None
+        self.rest_sync: BucketedMean | HalfPrecisionRest | None = None
         self.scheduler = LayerScheduler(name, self.comm, lambda: self.captures, self._launch, self._overlapping)
         self._accumulating = False
 
@@ -99,12 +99,12 @@ class CapturedStrategy(Strategy):
             capture.on_delta = self.scheduler.on_delta
         return model
 
-    def _rest_sync(self, state: dict[str, Any] | None = None) -> BucketedMean | HalfPrecisionGather:
+    def _rest_sync(self, state: dict[str, Any] | None = None) -> BucketedMean | HalfPrecisionRest:
         """How the uncaptured gradients travel: fp32 buckets (exact), or 16-bit with error feedback."""
         assert self.source is not None
         if self.options.rest_dtype == "fp32":
             return BucketedMean(self.source.rest, self.options.bucket_mb, prefix=f"{self.name}/rest")
-        rest = HalfPrecisionGather(
+        rest = HalfPrecisionRest(
             self.source.rest,
             wire_dtype(self.options.rest_dtype),
             self.options.error_feedback,
@@ -175,7 +175,8 @@ class CapturedStrategy(Strategy):
         rest = sum(p.numel() for _, p in (self.source.rest if self.source is not None else []))
         if self.options.rest_dtype == "fp32":
             return counts + 2.0 * (S - 1) / S * 4 * rest
-        return counts + (S - 1) * wire_dtype(self.options.rest_dtype).itemsize * rest
+        per_rank = (S - 1) if S <= 2 else 2.0 * (S - 1) / S  # HalfPrecisionRest: all-gather, then all-reduce
+        return counts + per_rank * wire_dtype(self.options.rest_dtype).itemsize * rest
 
     def _set_weight_grad(self, layer: LayerStep, grad: torch.Tensor | None) -> None:
         weight = layer.capture.weight
@@ -190,12 +191,12 @@ class CapturedStrategy(Strategy):
     def rescale_memory(self, ratio: float) -> None:
         for codec in self.plan.codecs():
             codec.rescale_memory(ratio)
-        if isinstance(self.rest_sync, HalfPrecisionGather):
+        if isinstance(self.rest_sync, HalfPrecisionRest):
             self.rest_sync.memory.rescale_(ratio)
 
     # ------------------------------------------------------------------ checkpoints, plan.json
     def _rest_state(self) -> dict[str, Any]:
-        return self.rest_sync.state_dict() if isinstance(self.rest_sync, HalfPrecisionGather) else {}
+        return self.rest_sync.state_dict() if isinstance(self.rest_sync, HalfPrecisionRest) else {}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -217,7 +218,7 @@ class CapturedStrategy(Strategy):
         for codec in self.plan.codecs():
             codec.load_state_dict(take(codec))
         residual = state.pop(RESIDUAL, None)
-        if residual is not None and isinstance(self.rest_sync, HalfPrecisionGather):
+        if residual is not None and isinstance(self.rest_sync, HalfPrecisionRest):
             self.rest_sync.load_state_dict({RESIDUAL: residual})
         self.plan.load_state_dict(take(self.plan))
         super().load_state_dict(state)  # refuses whatever is left

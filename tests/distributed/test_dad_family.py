@@ -38,6 +38,10 @@ SUITE = {
     "rankdad-allreduce-exact": (dict(strategy="rankdad", rank=32, rankdad_mode="allreduce"), 1),
     "rankdad-allreduce-ef": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce"), STEPS),
     "rankdad-allreduce-noef": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", error_feedback=False), STEPS),
+    "rankdad-allreduce-rest16": (
+        dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", rest_dtype="bf16", factor_dtype="bf16"),
+        STEPS,
+    ),
     "rankdad-allreduce-fp16": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", factor_dtype="fp16"), 1),
     "auto": (dict(strategy="auto", rank=2), STEPS),
 }
@@ -384,3 +388,19 @@ def test_a_rank_budget_is_kept_every_step_and_replanned_from_the_spectra(world, 
     # the k each layer used is logged every step, and it is the plan's
     assert runs[0]["ks"][-1] == {f"rankdad/{layer}/k": history[-2]["ranks"][layer] for layer in LAYERS}
     assert max(runs[0]["wire"]) > 0.8 * budget  # the budget is used, not left idle
+
+
+@WORLDS
+def test_the_all_reduce_form_with_a_16_bit_rest_keeps_its_wire_bytes_flat_in_s(world):
+    """Every part of the step all-reduced beyond S = 2 (factors, and the 16-bit rest): wire = the row counts'
+    all-gather + 2(S−1)/S × everything else; at S = 2 the rest is all-gathered, (S−1) = 1 × its payload."""
+    model = seeded_encoder()
+    dims = _dims(model)
+    rows = GLOBAL_BATCH // world * 6
+    rest = sum(p.numel() for n, p in model.named_parameters() if n not in {f"{layer}.weight" for layer in LAYERS})
+    ring = 2 * (world - 1) / world
+    factors = sum(min(2, i, o, world * rows) * (i + o) * 2 for i, o in dims.values())
+    rest_wire = (ring if world > 2 else world - 1) * 2 * rest
+    expected = (world - 1) * 16 * len(LAYERS) + ring * factors + rest_wire
+    for r in _run("rankdad-allreduce-rest16", world):
+        assert r["wire"] == pytest.approx([expected] * STEPS)

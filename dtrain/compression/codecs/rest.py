@@ -1,11 +1,15 @@
-"""`HalfPrecisionGather`: the dense rest of a dAD-family model (biases, LayerNorms, embeddings, uncaptured
-layers) in 16 bits (`comm.rest_dtype` bf16/fp16). Lossy, with error feedback.
+"""`HalfPrecisionRest`: the dense rest of a dAD-family model (biases, LayerNorms, embeddings, uncaptured layers)
+in 16 bits (`comm.rest_dtype` bf16/fp16). Lossy, with error feedback.
 
-The rest's gradients travel as one flat 16-bit vector per rank in one all-gather, and every rank sums the S
-vectors in fp32 in rank order (so all ranks get bitwise the same mean). With error feedback each rank keeps what
-its own cast dropped (`memory.ErrorFeedback`: compensated = sent + residual) and adds it to the next step's
-vector. Payload: 2 bytes per element instead of the fp32 all-reduce's 4; wire (S−1)× payload, i.e. the same as
-the fp32 ring all-reduce at S = 2.
+The rest's gradients travel as one flat 16-bit vector per rank. With error feedback each rank keeps what its own
+cast dropped (`memory.ErrorFeedback`: compensated = sent + residual) and adds it to the next step's vector.
+Payload: 2 bytes per element instead of the fp32 all-reduce's 4. How the vectors are combined depends on S:
+
+- S ≤ 2: one all-gather, and every rank sums the S vectors in fp32 in rank order (bitwise the same mean on
+  every rank); wire (S−1) × payload, equal to a ring all-reduce's at S = 2;
+- S > 2: one 16-bit ring all-reduce, wire 2(S−1)/S × payload instead of the all-gather's (S−1) ×, so the rest
+  does not grow with the world size. The sum then runs in 16 bits on the wire: what its rounding drops belongs to
+  no rank and is not fed back (each rank's own cast still is).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..memory import ErrorFeedback
 RESIDUAL = "rest_residual"
 
 
-class HalfPrecisionGather:
+class HalfPrecisionRest:
     def __init__(
         self, params: list[tuple[str, nn.Parameter]], dtype: torch.dtype, error_feedback: bool, prefix: str
     ) -> None:
@@ -48,10 +52,14 @@ class HalfPrecisionGather:
         sent = compensated.to(self.dtype)
         if self.error_feedback and bool(torch.isfinite(compensated).all()):
             self.memory.update(RESIDUAL, compensated, sent.to(torch.float32))
-        parts = comm.all_gather(sent, f"{self.prefix}/{str(self.dtype).split('.')[-1]}")
-        total = parts[0].to(torch.float32)
-        for part in parts[1:]:
-            total += part.to(torch.float32)
+        name = f"{self.prefix}/{str(self.dtype).split('.')[-1]}"
+        if comm.world_size > 2:
+            total = comm.all_reduce_(sent, name).to(torch.float32)
+        else:
+            parts = comm.all_gather(sent, name)
+            total = parts[0].to(torch.float32)
+            for part in parts[1:]:
+                total += part.to(torch.float32)
         total /= comm.world_size
         for g, chunk in zip(grads, total.split([g.numel() for g in grads])):
             g.copy_(chunk.view_as(g))
