@@ -105,6 +105,20 @@ VARIANTS: dict[str, list[str]] = {
         "comm.factor_dtype=bf16",
         "comm.rest_dtype=bf16",
     ],
+    "rankdad-allreduce-k4-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    "rankdad-int8-k4-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.factor_dtype=int8",
+        "comm.rest_dtype=bf16",
+    ],
+    "powersgd-k4-bf16": ["comm.strategy=powersgd", "comm.rank=4", "comm.factor_dtype=bf16"],
     "auto-k2-bf16-rest16": [
         "comm.strategy=auto",
         "comm.rank=2",
