@@ -73,6 +73,18 @@ def choose_method(costs: dict[str, float], min_compression_rate: float) -> str:
     return exact
 
 
+def one_codec_description(
+    strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], codec: LayerCodec
+) -> dict[str, Any]:
+    """plan.json of a plan that sends every captured layer through `codec`."""
+    return {
+        "strategy": strategy,
+        "layers": {c.name: {"in": c.in_features, "out": c.out_features} for c in captures},
+        "rest_params": list(rest),
+        **codec.describe(captures),
+    }
+
+
 class FixedPlan:
     """Every captured layer through one codec."""
 
@@ -104,12 +116,7 @@ class FixedPlan:
     def describe(
         self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
     ) -> dict[str, Any]:
-        return {
-            "strategy": strategy,
-            "layers": {c.name: {"in": c.in_features, "out": c.out_features} for c in captures},
-            "rest_params": list(rest),
-            **self._codec.describe(captures),
-        }
+        return one_codec_description(strategy, captures, rest, self._codec)
 
 
 class CostModelPlan:
@@ -264,14 +271,14 @@ class BudgetPlan:
         ]
         available = self.budget - self._fixed()
         try:
-            previous = codec.ranks.per_layer or None  # type: ignore[attr-defined]
-            ranks = allocate(costs, available, codec.ranks.spectra, previous)  # type: ignore[attr-defined]
+            previous = codec.memory.ranks.per_layer or None  # type: ignore[attr-defined]
+            ranks = allocate(costs, available, codec.memory.ranks.spectra, previous)  # type: ignore[attr-defined]
         except ValueError as err:
             raise ValueError(
                 f"comm.budget: {err} for the factors (the budget {self.budget:,.0f} B/step less "
                 f"{self._fixed():,.0f} B of row counts and uncaptured gradients)"
             ) from None
-        codec.ranks.per_layer = ranks  # type: ignore[attr-defined]
+        codec.memory.ranks.per_layer = ranks  # type: ignore[attr-defined]
         spent = sum(c.bytes_per_rank * ranks[c.name] for c in costs)
         self.history.append({"step": self.steps, "ranks": dict(ranks), "factor_wire_bytes": spent})
         log.info("rank budget at step %d: %s", self.steps, json.dumps(ranks))
@@ -289,28 +296,25 @@ class BudgetPlan:
             self._allocate()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"budget_ranks": dict(self._codec.ranks.per_layer) if self.allocated else None}  # type: ignore
+        return {"budget_ranks": dict(self._codec.memory.ranks.per_layer) if self.allocated else None}  # type: ignore
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ranks = state["budget_ranks"]
         if ranks is not None:
-            self._codec.ranks.per_layer = dict(ranks)  # type: ignore[attr-defined]
+            self._codec.memory.ranks.per_layer = dict(ranks)  # type: ignore[attr-defined]
             self.allocated = True
 
     def describe(
         self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
     ) -> dict[str, Any]:
         return {
-            "strategy": strategy,
-            "layers": {c.name: {"in": c.in_features, "out": c.out_features} for c in captures},
-            "rest_params": list(rest),
-            **self._codec.describe(captures),
+            **one_codec_description(strategy, captures, rest, self._codec),
             "budget": {
                 "wire_bytes_per_step": self.budget,
                 "fixed_wire_bytes_per_step": self._fixed(),
                 "rule": "k = 1 per layer, then one rank at a time to the layer whose next σ² buys the most per byte",
                 "replan_every": self.options.replan_every,
-                "ranks": dict(self._codec.ranks.per_layer),  # type: ignore[attr-defined]
+                "ranks": dict(self._codec.memory.ranks.per_layer),  # type: ignore[attr-defined]
                 "history": self.history,
             },
         }

@@ -61,6 +61,6 @@ def test_factors_error_feedback_adds_up_over_steps():
         total_grad += (layer.delta.T @ layer.a).double()
         total_delivered += codec.finish(codec.launch(layer, comm), comm).double()
         codec.end_step()
-    residual = codec.residuals.get("layer").double()
+    residual = codec.memory.residuals.get("layer").double()
     torch.testing.assert_close(total_delivered + residual, total_grad, rtol=0, atol=1e-4)
     assert residual.abs().max() > 1e-3  # rank 1 < rank of the gradient: something was left over

@@ -42,7 +42,7 @@ def test_error_feedback_has_one_memory_class_and_every_lossy_part_uses_it():
     assert residual_holders == [ErrorFeedback]
     powersgd = build_strategy(CommConfig(strategy="powersgd"))
     (factors,) = build_strategy(CommConfig(strategy="rankdad")).plan.codecs()
-    assert isinstance(powersgd.residuals, ErrorFeedback) and isinstance(factors.residuals, ErrorFeedback)
+    assert isinstance(powersgd.residuals, ErrorFeedback) and isinstance(factors.memory.residuals, ErrorFeedback)
 
 
 def _yaml_configs() -> list[Path]:

@@ -104,8 +104,8 @@ def test_error_feedback_invariant_in_float64():
     (codec,) = strategy.plan.codecs()
     for step in range(3):  # no optimizer step: the residual carries over between different batches
         previous = {
-            n: codec.residuals.get(n)
-            if codec.residuals.get(n) is not None
+            n: codec.memory.residuals.get(n)
+            if codec.memory.residuals.get(n) is not None
             else torch.zeros_like(getattr(model, n).weight)
             for n in names
         }
@@ -118,8 +118,10 @@ def test_error_feedback_invariant_in_float64():
         for n in names:
             local = getattr(plain, n).weight.grad
             delivered = getattr(model, n).weight.grad  # world size 1: exactly P̂ Q̂ᵀ
-            torch.testing.assert_close(local + previous[n], delivered + codec.residuals.get(n), rtol=0, atol=1e-12)
-            assert codec.residuals.get(n).abs().max() > 1e-6  # rank 2 < rank(G): something is left over
+            torch.testing.assert_close(
+                local + previous[n], delivered + codec.memory.residuals.get(n), rtol=0, atol=1e-12
+            )
+            assert codec.memory.residuals.get(n).abs().max() > 1e-6  # rank 2 < rank(G): something is left over
     strategy.close()
 
 

@@ -63,7 +63,7 @@ def test_error_feedback_follows_the_loss_scale(name):
         memory = strategy.residuals
     elif name == "rankdad":
         (codec,) = strategy.plan.codecs()
-        memory = codec.residuals
+        memory = codec.memory.residuals
     else:
         strategy.hook.state.error_dict[0] = torch.ones(3)
         strategy.rescale_memory(0.5)

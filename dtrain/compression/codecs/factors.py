@@ -40,13 +40,11 @@ from ..lowrank import (
     OuterProduct,
     effective_rank,
     factored_svd,
-    random_start,
     subspace_iteration,
     truncate,
 )
-from ..memory import ErrorFeedback, StepUndo, TensorMemory
-from ..ranks import LayerRanks
 from .base import LayerCodec, LayerStep, Pending
+from .factor_memory import FactorMemory
 
 
 class FactorsCodec(LayerCodec):
@@ -57,30 +55,16 @@ class FactorsCodec(LayerCodec):
         # 8-bit factors travel as scaled columns (`dtypes.encode_columns`), the others as a cast
         self.quantized = options.factor_dtype in QUANTIZED
         self.factor_dtype = None if self.quantized else wire_dtype(options.factor_dtype)
-        self.residuals = ErrorFeedback()
-        self.starts = TensorMemory()
-        self.step = 0
-        self._index: dict[str, int] = {}
-        self._undo = StepUndo(self.starts, self.residuals)
-        self.ranks = LayerRanks(options.rank)
+        self.memory = FactorMemory(options, prefix="", codec="rankdad")
 
     def bind(self, layer_names: list[str]) -> None:
-        self._index = {name: i for i, name in enumerate(layer_names)}
+        self.memory.bind(layer_names)
 
     def rank_for(self, in_features: int, out_features: int, rows: int, name: str | None = None) -> int:
         """k for a layer (comm.rank, or the layer's rank from a budget), clipped to min(in, out, rows)."""
-        return self.ranks.rank(name, in_features, out_features, rows)
+        return self.memory.ranks.rank(name, in_features, out_features, rows)
 
     # ------------------------------------------------------------------ one layer
-    def _start(self, name: str, in_features: int, k: int, like: torch.Tensor) -> torch.Tensor:
-        # one seed per (layer, step): the same on every rank, a fresh draw every step
-        seed = self.step * max(1, len(self._index)) + self._index[name]
-        q = self.starts.get(name) if self.options.warm_start else None
-        # last step's Q only if it has the right shape (k can change with the row count)
-        if q is not None and q.shape == (in_features, k):
-            return q.to(like)
-        return random_start(in_features, k, seed, like)
-
     def launch(self, layer: LayerStep, comm: Comm) -> Pending:
         """The local stage (subspace iteration on Δᵀ A, + residual), then the factors' all-gather."""
         c = layer.capture
@@ -92,8 +76,8 @@ class FactorsCodec(LayerCodec):
         op = OuterProduct(delta, a)
         # Δᵀ A + E in one fused product, a fresh tensor: the stored residual stays untouched until `finish`
         # replaces it (a non-finite step keeps the old one)
-        target = self.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
-        start = self._start(c.name, c.in_features, k, c.weight)
+        target = self.memory.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
+        start = self.memory.start(c.name, c.in_features, k, c.weight)
         p, q = subspace_iteration(op if target is None else Dense(target), start, self.options.power_iters)
         gather = comm.all_gather_async(self._encode(p, q), c.name)
         return Pending(layer, gather, {"k": k, "q": q, "target": target})
@@ -124,12 +108,12 @@ class FactorsCodec(LayerCodec):
         p_sum = torch.cat(ps, dim=1).div_(comm.world_size)  # out × S·k: Σ_i P_i Q_iᵀ / S = p_sum q_allᵀ
         q_all = torch.cat(qs, dim=1)
         every = self.options.spectrum_every
-        log_spectrum = every > 0 and self.step % every == 0
+        log_spectrum = every > 0 and self.memory.step % every == 0
         twoway = self.options.rankdad_mode == "twoway"
         if (twoway or log_spectrum) and not bool(torch.isfinite(p_sum).all() and torch.isfinite(q_all).all()):
             # an SVD of non-finite factors raises: decide now (the gathered factors are the same on every rank,
             # so all ranks decide alike); `end_step` leaves the memory as it was
-            self._undo.decoded(p_sum)
+            self.memory.undo.decoded(p_sum)
             return p_sum @ q_all.T
         if not twoway:
             grad = p_sum @ q_all.T
@@ -141,22 +125,22 @@ class FactorsCodec(LayerCodec):
             if log_spectrum:
                 self._log_spectrum(comm, c.name, sigma, k)
 
-        self._undo.remember(c.name)
-        self._undo.decoded(grad)
-        if self.ranks.per_layer:  # ranks from a budget: say which this layer used
+        self.memory.undo.remember(c.name)
+        self.memory.undo.decoded(grad)
+        if self.memory.ranks.per_layer:  # ranks from a budget: say which this layer used
             comm.stats.extra[metrics.RANKDAD_K.format(layer=c.name)] = pending.data["k"]
         if self.options.warm_start:
-            self.starts.put(c.name, q)
+            self.memory.starts.put(c.name, q)
         if target is not None:
             me = comm.rank
-            residual = self.residuals.update_factored_(c.name, target, ps[me], qs[me])
+            residual = self.memory.residuals.update_factored_(c.name, target, ps[me], qs[me])
             if twoway:
                 residual.addmm_(p_sum, q_all.T).sub_(grad)
         return grad
 
     def _log_spectrum(self, comm: Comm, name: str, sigma: torch.Tensor, k: int) -> None:
         """σ_1..σ_k, and the effective rank over all of σ (up to S·k values in oneway); a budget re-plans from σ."""
-        self.ranks.observe(name, sigma)
+        self.memory.ranks.observe(name, sigma)
         extra = comm.stats.extra
         for j, s in enumerate(sigma[:k].tolist(), start=1):
             extra[metrics.RANKDAD_SIGMA.format(layer=name, j=j)] = s
@@ -173,26 +157,19 @@ class FactorsCodec(LayerCodec):
         return float((world_size - 1) * (matrix_bytes(name, out_features, 1) + matrix_bytes(name, in_features, 1)))
 
     def rescale_memory(self, ratio: float) -> None:
-        self.residuals.rescale_(ratio)  # warm starts are directions: subspace iteration ignores their scale
+        self.memory.residuals.rescale_(ratio)  # warm starts are directions: subspace iteration ignores their scale
 
     def end_step(self) -> None:
         """A step whose decoded gradients are not all finite leaves warm starts and residuals as they were
         (`memory.StepUndo`)."""
-        self._undo.end_step()
-        self.step += 1
+        self.memory.end_step()
 
     # ------------------------------------------------------------------ checkpoints, plan.json
     def state_dict(self) -> dict[str, Any]:
-        """`step` and `starts` are the same on every rank; `residuals` are this rank's own."""
-        return {"step": self.step, "starts": self.starts.state_dict(), "residuals": self.residuals.state_dict()}
+        return self.memory.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = (set(state["starts"]) | set(state["residuals"])) - set(self._index)
-        if unknown:
-            raise ValueError(f"rankdad: state for unknown layers {sorted(unknown)}")
-        self.step = int(state["step"])
-        self.starts.load_state_dict(state["starts"])
-        self.residuals.load_state_dict(state["residuals"])
+        self.memory.load_state_dict(state)
 
     def describe(self, captures: Sequence[LinearCapture]) -> dict[str, Any]:
         o = self.options

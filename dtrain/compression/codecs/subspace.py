@@ -37,10 +37,9 @@ from ... import metrics
 from ..capture import LinearCapture
 from ..comm import Comm
 from ..dtypes import element_size, wire_dtype
-from ..lowrank import Dense, OuterProduct, effective_rank, orthonormalize, random_start
-from ..memory import ErrorFeedback, StepUndo, TensorMemory
-from ..ranks import LayerRanks
+from ..lowrank import Dense, OuterProduct, effective_rank, orthonormalize
 from .base import LayerCodec, LayerStep, Pending
+from .factor_memory import FactorMemory
 
 
 class SubspaceCodec(LayerCodec):
@@ -49,27 +48,15 @@ class SubspaceCodec(LayerCodec):
     def __init__(self, options: Any) -> None:
         self.options = options
         self.factor_dtype = wire_dtype(options.factor_dtype)
-        self.residuals = ErrorFeedback()
-        self.starts = TensorMemory()
-        self.step = 0
-        self._index: dict[str, int] = {}
-        self._undo = StepUndo(self.starts, self.residuals)
-        self.ranks = LayerRanks(options.rank)
+        self.memory = FactorMemory(options, prefix="subspace_", codec="rankdad (allreduce mode)")
 
     def bind(self, layer_names: list[str]) -> None:
-        self._index = {name: i for i, name in enumerate(layer_names)}
+        self.memory.bind(layer_names)
 
     def rank_for(self, in_features: int, out_features: int, rows: int, name: str | None = None) -> int:
         """k for a layer whose ranks hold `rows` rows IN TOTAL (the rank bound of the summed gradient): comm.rank,
         or the layer's rank from a budget."""
-        return self.ranks.rank(name, in_features, out_features, rows)
-
-    def _start(self, name: str, in_features: int, k: int, like: torch.Tensor) -> torch.Tensor:
-        seed = self.step * max(1, len(self._index)) + self._index[name]
-        q = self.starts.get(name) if self.options.warm_start else None
-        if q is not None and q.shape == (in_features, k):
-            return q.to(like)
-        return random_start(in_features, k, seed, like)
+        return self.memory.ranks.rank(name, in_features, out_features, rows)
 
     def _reduce(self, comm: Comm, t: torch.Tensor, name: str, like: torch.Tensor):
         """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back in `like`'s dtype and the
@@ -85,9 +72,9 @@ class SubspaceCodec(LayerCodec):
         if k == 0:
             return Pending(layer, None)
         a, delta = layer.a.to(c.weight.dtype), layer.delta.to(c.weight.dtype)
-        target = self.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
+        target = self.memory.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
         op = OuterProduct(delta, a) if target is None else Dense(target)
-        q = self._start(c.name, c.in_features, k, c.weight)
+        q = self.memory.start(c.name, c.in_features, k, c.weight)
         reduce_p, _ = self._reduce(comm, op.mm(q), f"{c.name}/P", c.weight)
         return Pending(layer, reduce_p, {"k": k, "op": op, "target": target})
 
@@ -106,23 +93,23 @@ class SubspaceCodec(LayerCodec):
                 reduce_p, _ = self._reduce(comm, op.mm(q), f"{c.name}/P", c.weight)
         grad = p_hat @ (q / comm.world_size).T
         every = self.options.spectrum_every
-        if every > 0 and self.step % every == 0 and bool(torch.isfinite(q).all()):
+        if every > 0 and self.memory.step % every == 0 and bool(torch.isfinite(q).all()):
             sigma = torch.linalg.svdvals(q) / comm.world_size  # σ of P̂ Qᵀ/S: P̂ has orthonormal columns
-            self.ranks.observe(c.name, sigma)
+            self.memory.ranks.observe(c.name, sigma)
             extra = comm.stats.extra
             for j, s in enumerate(sigma.tolist(), start=1):
                 extra[metrics.RANKDAD_SIGMA.format(layer=c.name, j=j)] = s
             extra[metrics.RANKDAD_EFF_RANK.format(layer=c.name)] = effective_rank(sigma)
 
-        self._undo.remember(c.name)
-        self._undo.decoded(grad)
-        if self.ranks.per_layer:  # ranks from a budget: say which this layer used
+        self.memory.undo.remember(c.name)
+        self.memory.undo.decoded(grad)
+        if self.memory.ranks.per_layer:  # ranks from a budget: say which this layer used
             comm.stats.extra[metrics.RANKDAD_K.format(layer=c.name)] = pending.data["k"]
         if self.options.warm_start:
-            self.starts.put(c.name, q)
+            self.memory.starts.put(c.name, q)
         if target is not None:
             # rank i delivered P̂ Q_iᵀ (Q_i as cast for the wire): the rest of its compensated gradient stays here
-            self.residuals.update_factored_(c.name, target, p_hat, q_sent)
+            self.memory.residuals.update_factored_(c.name, target, p_hat, q_sent)
         return grad
 
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
@@ -142,28 +129,17 @@ class SubspaceCodec(LayerCodec):
         return self.options.power_iters * 2 * 2 * (world_size - 1)
 
     def rescale_memory(self, ratio: float) -> None:
-        self.residuals.rescale_(ratio)
+        self.memory.residuals.rescale_(ratio)
 
     def end_step(self) -> None:
         """A non-finite step leaves residuals and warm starts untouched (`memory.StepUndo`)."""
-        self._undo.end_step()
-        self.step += 1
+        self.memory.end_step()
 
     def state_dict(self) -> dict[str, Any]:
-        """`step` and `starts` are the same on every rank; `residuals` are this rank's own."""
-        return {
-            "subspace_step": self.step,
-            "subspace_starts": self.starts.state_dict(),
-            "subspace_residuals": self.residuals.state_dict(),
-        }
+        return self.memory.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = (set(state["subspace_starts"]) | set(state["subspace_residuals"])) - set(self._index)
-        if unknown:
-            raise ValueError(f"rankdad (allreduce mode): state for unknown layers {sorted(unknown)}")
-        self.step = int(state["subspace_step"])
-        self.starts.load_state_dict(state["subspace_starts"])
-        self.residuals.load_state_dict(state["subspace_residuals"])
+        self.memory.load_state_dict(state)
 
     def describe(self, captures: Sequence[LinearCapture]) -> dict[str, Any]:
         o = self.options
