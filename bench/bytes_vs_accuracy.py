@@ -271,7 +271,9 @@ def main() -> None:
             if args.collect
             else None
         )
-        write_result(args.docs, SECTION.format(name=Path(args.config).stem), setup, loads, text, command=command)
+        # the 2-process tables keep their heading; other world sizes get their own section
+        name = Path(args.config).stem + ("" if args.nproc == 2 else f", S = {args.nproc}")
+        write_result(args.docs, SECTION.format(name=name), setup, loads, text, command=command)
 
 
 if __name__ == "__main__":
