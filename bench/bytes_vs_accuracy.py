@@ -112,6 +112,13 @@ VARIANTS: dict[str, list[str]] = {
         "comm.factor_dtype=bf16",
         "comm.rest_dtype=bf16",
     ],
+    "rankdad-allreduce-k3-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=3",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
     "rankdad-int8-k4-rest16": [
         "comm.strategy=rankdad",
         "comm.rank=4",
