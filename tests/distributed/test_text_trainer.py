@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from dtrain import metrics as metric
@@ -119,3 +120,16 @@ def test_a_resumed_text_run_uses_the_tokenizer_it_started_with(tmp_path):
     train(part, *common, config=TEXT_MLM, nproc=2, resume=True)
     assert (part / "tokenizer.json").read_text() == started_with
     assert max_rel_diff(model_state(full), model_state(part)) < 1e-5
+
+
+def test_hf_bert_with_fpsa_trains_on_text_through_dtrain_train(tmp_path):
+    """model.family=hf-bert: a Hugging Face BERT of configs/text_mlm.yaml's (shrunk) sizes, FPSA swapped into its
+    self-attention, trained by `dtrain train` on 2 ranks with dad; its FPSA figures reach metrics.jsonl."""
+    pytest.importorskip("transformers")
+    common = (*_common(tmp_path, write_text_dir(tmp_path / "corpus")), "train.steps=6", "model.family=hf-bert")
+    run = tmp_path / "bert"
+    train(run, *common, "comm.strategy=dad", config=TEXT_MLM, nproc=2)
+    rows = [r for r in metrics(run) if metric.TRAIN_LOSS in r]
+    assert len(rows) == 6 and rows[-1][metric.TRAIN_LOSS] < rows[0][metric.TRAIN_LOSS]
+    assert metric.FPSA_ITERS_MEAN in rows[-1]
+    assert summary(run)[metric.FINAL_VAL_PERPLEXITY] > 1
