@@ -215,9 +215,11 @@ def table(rows: list[dict[str, Any]], labels: list[str]) -> tuple[str, dict[str,
         settings = " ".join(o.replace("comm.", "") for o in rs[0]["overrides"])
         acc_txt = " / ".join(f"{a:.3f}" for a in accs)
         ok = "—" if label == "allreduce" or not deltas else ("yes" if delta >= -1.0 else "no")
+        # null at world size 1: no link, nothing to compare
+        wire_ratio = "—" if rs[0]["wire_ratio"] is None else f"{rs[0]['wire_ratio']:.1f}×"
         lines.append(
             f"| {label} | `{settings}` | {format_bytes(rs[0]['bytes'])} | {format_bytes(rs[0]['wire'])} "
-            f"| {rs[0]['wire_ratio']:.1f}× | {acc_txt} "
+            f"| {wire_ratio} | {acc_txt} "
             f"| {delta:+.1f} | {ok} |"
         )
     return "\n".join(lines), agg

@@ -111,3 +111,11 @@ def test_wire_vs_world_table_shows_each_world_size_with_its_ratio():
     ] + [{"label": "dad", "world": s, "payload": 100.0, "wire": (s - 1) * 100.0, "ratio": 0} for s in (2, 4)]
     text = w.table(rows, [2, 4], ["allreduce", "dad"])
     assert "wire / rank at S = 4" in text and "| allreduce | 400 B | 400 B (1.0×) | 600 B (1.0×) |" in text
+
+
+def test_bytes_vs_accuracy_table_at_world_size_1_has_no_wire_ratio():
+    from bench import bytes_vs_accuracy as b
+
+    row = {"label": "allreduce", "seed": 0, "overrides": [], "acc": 0.5, "bytes": 4.0, "ratio": 1.0}
+    text, _ = b.table([{**row, "world": 1, "wire": 0.0, "wire_ratio": None}], ["allreduce"])
+    assert "| 0 B | — |" in text
