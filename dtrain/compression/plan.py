@@ -242,10 +242,16 @@ class BudgetPlan:
         self.budget = options.budget_bytes
         if self.budget is None:
             self.budget = link_bytes_per_s(options.link_rate) * options.budget_ms / 1e3
-        self.allocated = False
-        self.steps = 0
-        self._rows: dict[str, int] = {}
+        self._rows: dict[str, int] = {}  # the latest step's rows per layer (max over ranks)
         self.history: list[dict[str, Any]] = []
+
+    @property
+    def _ranks(self) -> Any:
+        return self._codec.memory.ranks  # type: ignore[attr-defined]
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self._ranks.per_layer)
 
     @property
     def ready(self) -> bool:
@@ -269,40 +275,38 @@ class BudgetPlan:
             for c in self._captures()
             if c.name in self._rows
         ]
-        available = self.budget - self._fixed()
+        fixed = self._fixed()
         try:
-            previous = codec.memory.ranks.per_layer or None  # type: ignore[attr-defined]
-            ranks = allocate(costs, available, codec.memory.ranks.spectra, previous)  # type: ignore[attr-defined]
+            ranks = allocate(costs, self.budget - fixed, self._ranks.spectra, self._ranks.per_layer or None)
         except ValueError as err:
             raise ValueError(
                 f"comm.budget: {err} for the factors (the budget {self.budget:,.0f} B/step less "
-                f"{self._fixed():,.0f} B of row counts and uncaptured gradients)"
+                f"{fixed:,.0f} B of row counts and uncaptured gradients)"
             ) from None
-        codec.memory.ranks.per_layer = ranks  # type: ignore[attr-defined]
+        self._ranks.per_layer = ranks
         spent = sum(c.bytes_per_rank * ranks[c.name] for c in costs)
-        self.history.append({"step": self.steps, "ranks": dict(ranks), "factor_wire_bytes": spent})
-        log.info("rank budget at step %d: %s", self.steps, json.dumps(ranks))
-        self.allocated = True
+        step = self._codec.memory.step  # type: ignore[attr-defined]
+        self.history.append({"step": step, "ranks": dict(ranks), "factor_wire_bytes": spent})
+        log.info("rank budget at step %d: %s", step, json.dumps(ranks))
 
     def apply(self, layers: list[LayerStep]) -> list[LayerStep]:
+        self._rows = {layer.capture.name: max(layer.rows) for layer in layers}
         if not self.allocated:
-            self._rows = {layer.capture.name: max(layer.rows) for layer in layers}
             self._allocate()
         return layers
 
     def end_step(self) -> None:
-        self.steps += 1
-        if self.allocated and self.steps % self.options.replan_every == 0:
+        """After the codec's own `end_step`: its step counter (checkpointed) says when to re-plan."""
+        if self.allocated and self._codec.memory.step % self.options.replan_every == 0:  # type: ignore[attr-defined]
             self._allocate()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"budget_ranks": dict(self._codec.memory.ranks.per_layer) if self.allocated else None}  # type: ignore
+        """The ranks and the spectra they are re-planned from, so a resumed run re-plans as an uninterrupted one."""
+        return {"budget_ranks": dict(self._ranks.per_layer) or None, "budget_spectra": dict(self._ranks.spectra)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ranks = state["budget_ranks"]
-        if ranks is not None:
-            self._codec.memory.ranks.per_layer = dict(ranks)  # type: ignore[attr-defined]
-            self.allocated = True
+        self._ranks.per_layer = dict(state["budget_ranks"] or {})
+        self._ranks.spectra = dict(state["budget_spectra"])
 
     def describe(
         self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
@@ -314,7 +318,7 @@ class BudgetPlan:
                 "fixed_wire_bytes_per_step": self._fixed(),
                 "rule": "k = 1 per layer, then one rank at a time to the layer whose next σ² buys the most per byte",
                 "replan_every": self.options.replan_every,
-                "ranks": dict(self._codec.memory.ranks.per_layer),  # type: ignore[attr-defined]
+                "ranks": dict(self._ranks.per_layer),
                 "history": self.history,
             },
         }

@@ -36,3 +36,23 @@ def test_a_layer_at_most_doubles_its_rank_per_replan():
     ranks = allocate(layers, 1000, flat, previous={"a": 2, "b": 2})
     assert ranks["a"] == 5  # 2 x 2 + 1
     assert ranks["b"] <= 5
+
+
+def test_a_resumed_budget_plan_keeps_its_ranks_and_the_spectra_it_replans_from():
+    from dtrain.compression.codecs.factors import FactorsCodec
+    from dtrain.compression.plan import BudgetPlan
+    from dtrain.config import CommConfig
+
+    options = CommConfig(strategy="rankdad", budget_bytes=1e5).options()
+
+    def plan() -> BudgetPlan:
+        return BudgetPlan(FactorsCodec(options), options, 2, captures=lambda: [], fixed=lambda: 0.0)
+
+    saved = plan()
+    assert not saved.ready and saved.state_dict()["budget_ranks"] is None
+    saved._ranks.per_layer = {"up": 3}
+    saved._ranks.observe("up", torch.tensor([2.0, 1.0]))
+    resumed = plan()
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.ready and resumed._ranks.per_layer == {"up": 3}
+    assert torch.equal(resumed._ranks.spectra["up"], saved._ranks.spectra["up"])

@@ -58,11 +58,12 @@ class SubspaceCodec(LayerCodec):
         or the layer's rank from a budget."""
         return self.memory.ranks.rank(name, in_features, out_features, rows)
 
-    def _reduce(self, comm: Comm, t: torch.Tensor, name: str, like: torch.Tensor):
-        """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back in `like`'s dtype and the
-        cast value this rank contributed (for error feedback)."""
+    def _reduce(self, comm: Comm, t: torch.Tensor, name: str, like: torch.Tensor, keep_mine: bool = False):
+        """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back. With `keep_mine`, also the
+        cast value this rank contributed, in `like`'s dtype (error feedback needs it; otherwise None)."""
         sent = t.to(self.factor_dtype)
-        mine = sent.to(like.dtype, copy=True)  # before the launch: the all-reduce overwrites `sent` in place
+        # copied before the launch: the all-reduce overwrites `sent` in place
+        mine = sent.to(like.dtype, copy=True) if keep_mine else None
         return comm.all_reduce_async(sent.clone() if sent is t else sent, name), mine
 
     def launch(self, layer: LayerStep, comm: Comm) -> Pending:
@@ -87,7 +88,7 @@ class SubspaceCodec(LayerCodec):
         for iteration in range(self.options.power_iters):
             p_hat = orthonormalize(reduce_p.wait().to(c.weight.dtype))
             q_mine = op.rmm(p_hat)
-            reduce_q, q_sent = self._reduce(comm, q_mine, f"{c.name}/Q", c.weight)
+            reduce_q, q_sent = self._reduce(comm, q_mine, f"{c.name}/Q", c.weight, keep_mine=target is not None)
             q = reduce_q.wait().to(c.weight.dtype)
             if iteration + 1 < self.options.power_iters:
                 reduce_p, _ = self._reduce(comm, op.mm(q), f"{c.name}/P", c.weight)

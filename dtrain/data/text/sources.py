@@ -202,7 +202,7 @@ class FileSource:
         self._corpus: Corpus | None = None
 
     def fingerprint(self) -> dict[str, Any]:
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files]
+        stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p in self.files for st in [p.stat()]]
         return {"files": stats}
 
     def read(self) -> Corpus:
