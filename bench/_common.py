@@ -4,12 +4,14 @@
 - `command_line()`: the command that produced them, as the docs record it;
 - `train_run()`: one `dtrain train` through torchrun (or the netns cluster), its summary.json and metrics rows;
 - `write_section()`: replace or append one "## " section of docs/benchmarks.md, leaving the others alone;
-- `launch_script()`: a module of launch/, to use the launchers' own helpers instead of copies.
+- `launch_script()`: a module of launch/, to use the launchers' own helpers instead of copies;
+- `to_device()`: a task's batch on the device a benchmark runs its model on.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TORCHRUN = str(VENV_BIN / "torchrun") if (VENV_BIN / "torchrun").exists() else "torchrun"
 NETNS_CLUSTER = ROOT / "launch" / "netns_cluster"
+CPU = torch.device("cpu")
 INTRO = (
     "# Benchmarks\n\nMeasured figures, each with the command that produced it and the machine it ran on. "
     "Each benchmark is a module of the `bench` package, run from the repository root "
@@ -78,6 +81,11 @@ def launch_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A copy of a `dtrain.data` Batch (a dataclass of tensors) with every tensor on `device`."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
 
 
 def train_run(

@@ -19,6 +19,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,6 +65,22 @@ def make_step(backward: str, max_iter: int):
     return model, step
 
 
+def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `forward()` builds its loss (then
+    backpropagated, so the graph is freed as in a training step)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    return sum(storages.values())
+
+
 def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -79,20 +96,9 @@ def measure(backward: str, max_iter: int) -> dict[str, float]:
     step().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     loops = [model.fpsa_stats()[metrics.FPSA_LOOP_LAYER.format(layer=i)] for i in range(SHAPE["n_layers"])]
-
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
     model.zero_grad()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    loss.backward()
     return {
-        "saved_mib": sum(storages.values()) / MIB,
+        "saved_mib": saved_bytes(step) / MIB,
         "rss_step_mib": (peak - before) / MIB,
         "rss_peak_mib": peak / MIB,
         "loop_iters": min(loops),

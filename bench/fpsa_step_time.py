@@ -13,14 +13,15 @@ step.
 
 from __future__ import annotations
 
+import functools
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench._common import ROOT, argument_parser, load, write_result
+from bench._common import CPU, ROOT, argument_parser, load, write_result
+from bench._timing import Timer
 from dtrain import metrics
 from dtrain.config import load_config
 from dtrain.data import build_task
@@ -32,22 +33,72 @@ SECTION = "## FPSA step time vs vanilla (issue 9)"
 TARGET = 1.6
 
 
-def make(config: str, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
+def make(config: str, overrides: list[str], device: torch.device = CPU) -> tuple[Any, Any, Any, Any]:
     cfg = load_config(ROOT / config, overrides)
     task = build_task(cfg.data)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, task.spec)
+    model = build_model(cfg, task.spec).to(device)
     return cfg, task, model, build_optimizer(cfg.train, model)
 
 
-def step_fn(cfg, task, model, opt, batch) -> float:
-    t0 = time.perf_counter()
+def make_variants(
+    config: str, sets: list[str], backwards: list[str], iters: list[int], device: torch.device = CPU
+) -> dict[str, tuple]:
+    """The vanilla model, then one FPSA model per (backward spec, forced iteration count n): name -> `make`'s tuple.
+    A backward spec is an `fpsa.backward` mode, optionally with extra fpsa keys: implicit:fpsa.adj_max_iter=6."""
+    variants: dict[str, tuple] = {"vanilla": make(config, [*sets, "model.attention=vanilla"], device)}
+    for spec in backwards:
+        backward, _, extra = spec.partition(":")
+        extra_sets = [e for e in extra.split(",") if e]
+        tag = f" ({', '.join(e.replace('fpsa.', '') for e in extra_sets)})" if extra_sets else ""
+        for n in iters:
+            variants[f"fpsa {backward} n={n}{tag}"] = make(
+                config,
+                [
+                    *sets,
+                    "model.attention=fpsa",
+                    f"fpsa.backward={backward}",
+                    f"fpsa.max_iter={n}",
+                    "fpsa.tol=1e-30",
+                    *extra_sets,
+                ],
+                device,
+            )
+    return variants
+
+
+def train_step(task, model, opt, batch) -> None:
     logits = model(batch.tokens, batch.mask)
     loss = loss_fn(logits, batch.targets, task.spec.targets_per_example)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+
+
+def run_rounds(
+    variants: dict[str, tuple], batches: list[Any], repeats: int, timer: Timer
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Every variant's step, `repeats` rounds after two warm-up rounds, in an order rotating by round (so machine
+    load hits all alike). Returns per variant its step times (s), and its mean solver and adjoint iterations."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    iters: dict[str, list[float]] = {n: [] for n in names}
+    adj_iters: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats + 2):  # two warm-up rounds
+        rot = names[r % len(names) :] + names[: r % len(names)]
+        for name in rot:
+            _, task, model, opt = variants[name]
+            batch = batches[r % len(batches)]
+            t = timer.seconds(functools.partial(train_step, task, model, opt, batch))
+            if r >= 2:
+                times[name].append(t)
+                stats = model.fpsa_stats() if hasattr(model, "fpsa_stats") else {}
+                if stats:
+                    iters[name].append(stats[metrics.FPSA_ITERS_MEAN])
+                    adj = [v for k, v in stats.items() if k.startswith(metrics.FPSA_ADJ_ITERS_LAYER.split("{")[0])]
+                    if adj:
+                        adj_iters[name].append(sum(adj) / len(adj))
+    return times, iters, adj_iters
 
 
 def main() -> None:
@@ -77,45 +128,14 @@ def main() -> None:
         args.config, args.repeats, args.iters, args.backwards = "tests/configs/tiny.yaml", 2, [3], ["phantom"]
     torch.set_num_threads(args.threads)
 
-    variants: dict[str, tuple] = {"vanilla": make(args.config, [*args.set, "model.attention=vanilla"])}
-    for spec in args.backwards:
-        backward, _, extra = spec.partition(":")
-        extra_sets = [e for e in extra.split(",") if e]
-        tag = f" ({', '.join(e.replace('fpsa.', '') for e in extra_sets)})" if extra_sets else ""
-        for n in args.iters:
-            variants[f"fpsa {backward} n={n}{tag}"] = make(
-                args.config,
-                [
-                    *args.set,
-                    "model.attention=fpsa",
-                    f"fpsa.backward={backward}",
-                    f"fpsa.max_iter={n}",
-                    "fpsa.tol=1e-30",
-                    *extra_sets,
-                ],
-            )
+    variants = make_variants(args.config, args.set, args.backwards, args.iters)
     cfg0, task0 = variants["vanilla"][0], variants["vanilla"][1]
     batch_size = args.batch or max(1, cfg0.train.batch_size // 2)
     batches = [task0.batch("train", i * batch_size, batch_size) for i in range(4)]
 
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    iters: dict[str, list[float]] = {n: [] for n in names}
-    adj_iters: dict[str, list[float]] = {n: [] for n in names}
     loads = [load()]
-    for r in range(args.repeats + 2):  # two warm-up rounds
-        rot = names[r % len(names) :] + names[: r % len(names)]
-        for name in rot:
-            cfg, task, model, opt = variants[name]
-            t = step_fn(cfg, task, model, opt, batches[r % len(batches)])
-            if r >= 2:
-                times[name].append(t)
-                stats = model.fpsa_stats() if hasattr(model, "fpsa_stats") else {}
-                if stats:
-                    iters[name].append(stats[metrics.FPSA_ITERS_MEAN])
-                    adj = [v for k, v in stats.items() if k.startswith(metrics.FPSA_ADJ_ITERS_LAYER.split("{")[0])]
-                    if adj:
-                        adj_iters[name].append(sum(adj) / len(adj))
+    times, iters, adj_iters = run_rounds(variants, batches, args.repeats, Timer(CPU))
     loads.append(load())
 
     med = statistics.median
@@ -141,7 +161,7 @@ def main() -> None:
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for b in batches[:2]:
-                step_fn(cfg, task, model, opt, b)
+                train_step(task, model, opt, b)
         prof_text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
         print(f"profile of 2 steps of {name}:\n{prof_text}")
 

@@ -11,8 +11,8 @@ One process (world size 1, so no communication), one rank's share of the batch. 
 
 Reported: compress = synchronize time, as a share of the plain backward; and the net cost, (captured backward
 + compress) / plain backward − 1, since capture itself skips the weight-gradient products. Medians over rounds.
-Without CUDA the GPU sizes (BERT-base layers, d = 768, N = 8k…64k rows) are skipped; `python -m
-bench.rankdad_overhead` covers them on a GPU machine.
+This command times on the CPU; `python -m bench.gpu_check` runs the same measurement (`measure`) on a GPU at
+BERT-base sizes (d = 768, N ≥ 16k rows), timed with CUDA events.
 
     .venv/bin/python -m bench.rankdad_model_overhead --docs docs/benchmarks.md     # ~1 min on 1 core
     .venv/bin/python -m bench.rankdad_model_overhead --tiny
@@ -21,12 +21,12 @@ bench.rankdad_overhead` covers them on a GPU machine.
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from bench._common import ROOT, argument_parser, load, write_result
+from bench._common import CPU, ROOT, argument_parser, load, to_device, write_result
+from bench._timing import Timer
 from dtrain.compression import build_strategy
 from dtrain.config import load_config
 from dtrain.data import build_task
@@ -44,6 +44,57 @@ VARIANTS = {
 }
 
 
+def measure(
+    config: str, sets: list[str], batch_size: int, repeats: int, device: torch.device
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per round of the plain backward ({"plain": {"backward": [...]}}) and, per rank-dAD variant, of its
+    captured backward and its compression ({name: {"backward": [...], "compress": [...]}}), `repeats` rounds
+    after two warm-up rounds, timed on `device` (`bench._timing.Timer`)."""
+    cfg = load_config(ROOT / config, sets)
+    task = build_task(cfg.data)
+    batches = [to_device(task.batch("train", i * batch_size, batch_size), device) for i in range(4)]
+    timer = Timer(device)
+
+    def fresh():
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg, task.spec).to(device)
+
+    plain = fresh()
+    runs = {}
+    for name, overrides in VARIANTS.items():
+        vcfg = load_config(ROOT / config, [*sets, "comm.strategy=rankdad", "comm.overlap=false", *overrides])
+        model = fresh()
+        strategy = build_strategy(vcfg.comm)
+        runs[name] = (model, strategy.attach(model), strategy)
+
+    def loss_of(fwd, b):
+        return loss_fn(fwd(b.tokens, b.mask), b.targets, task.spec.targets_per_example)
+
+    times: dict[str, dict[str, list[float]]] = {"plain": {"backward": []}}
+    times.update({n: {"backward": [], "compress": []} for n in runs})
+    for r in range(repeats + 2):
+        b = batches[r % len(batches)]
+        names = ["plain", *runs]
+        names = names[r % len(names) :] + names[: r % len(names)]
+        for name in names:
+            if name == "plain":
+                loss = loss_of(plain, b)
+                backward = timer.seconds(loss.backward)
+                plain.zero_grad(set_to_none=True)
+                if r >= 2:
+                    times["plain"]["backward"].append(backward)
+                continue
+            model, fwd, strategy = runs[name]
+            loss = loss_of(fwd, b)
+            backward = timer.seconds(loss.backward)
+            compress = timer.seconds(strategy.synchronize)
+            model.zero_grad(set_to_none=True)
+            if r >= 2:
+                times[name]["backward"].append(backward)
+                times[name]["compress"].append(compress)
+    return times
+
+
 def main() -> None:
     ap = argument_parser(__spec__.name, __doc__)
     ap.add_argument("--config", default="configs/bench/s5_d256.yaml")
@@ -59,53 +110,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     cfg = load_config(ROOT / args.config, args.set)
-    task = build_task(cfg.data)
     batch_size = args.batch or max(1, cfg.train.batch_size // 2)
-    batches = [task.batch("train", i * batch_size, batch_size) for i in range(4)]
-
-    def fresh():
-        torch.manual_seed(cfg.train.seed)
-        return build_model(cfg, task.spec)
-
-    plain = fresh()
-    runs = {}
-    for name, overrides in VARIANTS.items():
-        vcfg = load_config(ROOT / args.config, [*args.set, "comm.strategy=rankdad", "comm.overlap=false", *overrides])
-        model = fresh()
-        strategy = build_strategy(vcfg.comm)
-        runs[name] = (model, strategy.attach(model), strategy)
-
-    def loss_of(fwd, b):
-        return loss_fn(fwd(b.tokens, b.mask), b.targets, task.spec.targets_per_example)
-
-    times: dict[str, dict[str, list[float]]] = {"plain": {"backward": []}}
-    times.update({n: {"backward": [], "compress": []} for n in runs})
     loads = [load()]
-    for r in range(args.repeats + 2):
-        b = batches[r % len(batches)]
-        names = ["plain", *runs]
-        names = names[r % len(names) :] + names[: r % len(names)]
-        for name in names:
-            if name == "plain":
-                loss = loss_of(plain, b)
-                t0 = time.perf_counter()
-                loss.backward()
-                t1 = time.perf_counter()
-                plain.zero_grad(set_to_none=True)
-                if r >= 2:
-                    times["plain"]["backward"].append(t1 - t0)
-                continue
-            model, fwd, strategy = runs[name]
-            loss = loss_of(fwd, b)
-            t0 = time.perf_counter()
-            loss.backward()
-            t1 = time.perf_counter()
-            strategy.synchronize()
-            t2 = time.perf_counter()
-            model.zero_grad(set_to_none=True)
-            if r >= 2:
-                times[name]["backward"].append(t1 - t0)
-                times[name]["compress"].append(t2 - t1)
+    times = measure(args.config, args.set, batch_size, args.repeats, CPU)
     loads.append(load())
 
     med = statistics.median
@@ -117,7 +124,7 @@ def main() -> None:
         "| net: (captured backward + compress) / plain backward − 1 | target ≤ 10% |",
         "|---|---|---|---|---|---|",
     ]
-    for name in runs:
+    for name in VARIANTS:
         bwd, comp = med(times[name]["backward"]), med(times[name]["compress"])
         share = comp / plain_bwd
         net = (bwd + comp) / plain_bwd - 1

@@ -1,9 +1,11 @@
 """Smoke tests of the benchmark scripts that launch processes, each run as `python -m bench.NAME` at a tiny size:
 each runs end to end against the current code and produces its table. The netns time-to-accuracy run needs root
-and ~1 minute: marked slow and root."""
+and ~1 minute: marked slow and root. The GPU check's dry run (every part on the CPU at tiny sizes) runs its
+in-process parts and one trainer part by default; all of it, minutes on 2 cores, is marked slow."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -72,3 +74,62 @@ def test_time_to_accuracy_tiny_on_the_netns_cluster(tmp_path):
     proc = _run_module("time_to_accuracy", ["--tiny", "--out", str(tmp_path)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "| rankdad-k2-bf16-rest16-pi2 |" in proc.stdout and "| allreduce |" in proc.stdout
+
+
+def _gpu_check_dry_run(out, *only: str) -> dict:
+    """`python -m bench.gpu_check --dry-run` into `out`: its exit status 0, its JSON, which says it is a dry run."""
+    proc = _run_module("gpu_check", ["--dry-run", "--out", str(out), *(["--only", *only] if only else [])], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["dry_run"] is True and result["note"].startswith("DRY RUN") and result["clock"] == "wall clock"
+    assert {"gpu", "cuda", "torch", "driver", "host"} <= result["machine"].keys()
+    failed = [c for c in result["checks"] if not c["passed"]]
+    assert result["passed"] and not failed, failed
+    section = (out / "benchmarks.md").read_text()
+    assert section.count("## GPU validation (issue 20)") == 1 and "**DRY RUN on the CPU" in section
+    assert "DRY RUN" not in (ROOT / "docs" / "benchmarks.md").read_text()
+    return result
+
+
+def _assert_every_figure_has_its_target(rows: list[dict]) -> None:
+    assert rows
+    for row in rows:
+        assert (row["met"] is None) == (row["target"] is None), row
+
+
+def test_gpu_check_dry_run_of_the_bf16_run_and_every_figure(tmp_path):
+    """The parts of the GPU check that run in its own process (every figure), and one trainer part."""
+    from bench.gpu_check import PARTS
+
+    result = _gpu_check_dry_run(tmp_path, "bf16", "factored", "share", "fpsa")
+    assert list(result["parts"]) == ["bf16", "factored", "share", "fpsa"]
+    assert set(PARTS) > set(result["parts"])
+    sizes, perf = result["sizes"], result["perf"]
+    _assert_every_figure_has_its_target(perf["factored"])
+    assert {(r["rows"], r["k"]) for r in perf["factored"]} == {(n, k) for n in sizes["rows"] for k in sizes["ranks"]}
+    _assert_every_figure_has_its_target(perf["share"])
+    assert {r["target"] is not None for r in perf["share"]} == {True, False}  # below and from the target rows
+    _assert_every_figure_has_its_target(perf["fpsa"]["step"])
+    low, high = sizes["fpsa_iters"]
+    flat = perf["fpsa"]["memory_vs_max_iter"]
+    assert [(r["backward"], r["max_iter"], r["figure"]) for r in flat] == [
+        ("implicit", [low, high], "saved_mib"),
+        ("phantom", [low, high], "saved_mib"),  # no CUDA allocator in a dry run: autograd's saved bytes
+    ]
+    assert all(r["met"] for r in flat)  # implicit and phantom keep one differentiable step, whatever max_iter
+    bf16 = result["checks"][0]
+    assert bf16["name"] == "trainer dad bf16 autocast, world size 1" and "bf16" in bf16["detail"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_part(tmp_path):
+    from bench.gpu_check import PARTS
+    from dtrain.compression.registry import STRATEGY_NAMES
+
+    result = _gpu_check_dry_run(tmp_path)
+    assert list(result["parts"]) == list(PARTS)
+    names = [c["name"] for c in result["checks"]]
+    assert names[0] == "pytest -m gpu"
+    world1 = [n for n in names if n.startswith("trainer ") and n.endswith(", world size 1") and "bf16" not in n]
+    assert world1 == [f"trainer {s}, world size 1" for s in STRATEGY_NAMES]
+    assert "dad = allreduce, 2 ranks" in names and "rankdad-full-rank = allreduce, 2 ranks" in names

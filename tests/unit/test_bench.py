@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 import pytest
+import torch
 
 from tests.helpers.launch import ROOT
 
@@ -119,3 +121,36 @@ def test_bytes_vs_accuracy_table_at_world_size_1_has_no_wire_ratio():
     row = {"label": "allreduce", "seed": 0, "overrides": [], "acc": 0.5, "bytes": 4.0, "ratio": 1.0}
     text, _ = b.table([{**row, "world": 1, "wire": 0.0, "wire_ratio": None}], ["allreduce"])
     assert "| 0 B | — |" in text
+
+
+def test_gpu_check_refuses_the_docs_in_a_dry_run_and_a_machine_without_cuda(monkeypatch, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main("gpu_check", ["--dry-run", "--docs", str(tmp_path / "benchmarks.md")], monkeypatch)
+    assert exit_info.value.code == 2 and "--docs with --dry-run" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main("gpu_check", ["--out", str(tmp_path)], monkeypatch)
+    assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_timer_on_the_cpu_is_the_wall_clock():
+    from bench._timing import Timer
+
+    timer = Timer(torch.device("cpu"))
+    assert timer.clock == "wall clock"
+    assert 0.02 <= timer.median(lambda: time.sleep(0.02), repeats=3, warmup=1) < 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_timer_on_a_gpu_times_the_kernels_not_their_launch():
+    """torch.cuda._sleep queues a kernel that spins for a number of GPU clock cycles and returns at once: 1e8
+    cycles are 50 ms or more at any clock below 2 GHz, while the host call takes microseconds."""
+    from bench._timing import Timer
+
+    timer = Timer(torch.device("cuda"))
+    assert timer.clock == "CUDA events"
+    t0 = time.perf_counter()
+    device_s = timer.seconds(lambda: torch.cuda._sleep(100_000_000))
+    assert device_s >= 0.04 and time.perf_counter() - t0 >= device_s * 0.9
