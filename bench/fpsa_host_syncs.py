@@ -1,15 +1,17 @@
 """FPSA host syncs and training steps/s, before and after the solver stopped reading its exit condition every
 iteration (issue 14, item 6), side by side in one process.
 
-"Before" is dtrain/model/ as it was at commit `--baseline` (read with `git show`, imported as a separate
-package next to the current one; config, metrics and the trainer's loss are today's), "after" is the working
-tree. Both models start from the same parameters and take the same steps on the same batches: one step =
-forward + loss (the trainer's `loss_fn`) + backward + AdamW step + `model.fpsa_stats()` (which the trainer logs
-every step), for one rank's share of the batch, on one process. The two alternate step by step, in alternating
-order, so machine load hits both alike; the figures are medians over the rounds, the ratio the median of the
-per-round ratios. After every round the two models' parameters and fpsa/* statistics are compared bitwise.
-One extra (untimed) round counts each model's host syncs with dtrain.syncs.count_syncs (forward, backward and
-fpsa_stats; the optimizer's own per-parameter step counters live on the CPU by design and are left out).
+"Before" is dtrain/model/ as it was at commit `--baseline`, "after" as it was at commit `--after`, the commit that
+made the change (the solver has changed since, issue 16, so the working tree would measure that too). Each is read
+with `git show` and imported as a separate package, with dtrain/metrics.py of the same commit (the metric names
+have changed since); config and the trainer's loss are today's. Both models start from the same parameters and take
+the same steps on the same batches: one step = forward + loss (the trainer's `loss_fn`) + backward + AdamW step +
+`model.fpsa_stats()` (which the trainer logs every step), for one rank's share of the batch, on one process. The
+two alternate step by step, in alternating order, so machine load hits both alike; the figures are medians over the
+rounds, the ratio the median of the per-round ratios. After every round the two models' parameters and fpsa/*
+statistics are compared bitwise. One extra (untimed) round counts each model's host syncs with
+dtrain.syncs.count_syncs (forward, backward and fpsa_stats; the optimizer's own per-parameter step counters live on
+the CPU by design and are left out).
 
     .venv/bin/python -m bench.fpsa_host_syncs --docs docs/benchmarks.md     # a few minutes on 1 core
     .venv/bin/python -m bench.fpsa_host_syncs --tiny                        # seconds (smoke test)
@@ -32,7 +34,6 @@ import torch
 from bench._common import ROOT, argument_parser, load, write_result
 from dtrain.config import load_config
 from dtrain.data import build_task
-from dtrain.model import build_model
 from dtrain.optim import build_optimizer
 from dtrain.syncs import count_syncs
 from dtrain.trainer import loss_fn
@@ -40,6 +41,8 @@ from dtrain.trainer import loss_fn
 SECTION = "## FPSA host syncs: steps/s before and after (issue 14)"
 #: the last commit whose solver read its exit condition after every iteration
 BASELINE = "8be2bc4"
+#: the commit that made the solver read it on a learnt schedule
+AFTER = "b7b5cb3"
 CASES = ["configs/quickstart.yaml", "configs/bench/s5_d256.yaml"]
 NOTES = (
     "Reading: 'before' read the exit condition after every solver and adjoint iteration (`bool(active.any())`), "
@@ -57,8 +60,9 @@ NOTES = (
 )
 
 
-def baseline_model_package(rev: str) -> ModuleType:
-    """dtrain/model/ at git revision `rev`, imported as its own package (its relative imports stay inside it)."""
+def model_package_at(rev: str) -> ModuleType:
+    """dtrain/model/ at git revision `rev`, imported as its own package (its relative imports stay inside it),
+    with that revision's dtrain/metrics.py inside it in place of `from dtrain import metrics`."""
     listing = subprocess.run(
         ["git", "ls-tree", "--name-only", rev, "dtrain/model/"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -67,10 +71,9 @@ def baseline_model_package(rev: str) -> ModuleType:
         return sys.modules[name]
     package = Path(tempfile.mkdtemp(prefix="fpsa_baseline_")) / name
     package.mkdir()
-    for path in listing:
-        if path.endswith(".py"):
-            text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, check=True).stdout
-            (package / Path(path).name).write_bytes(text)
+    for path in [p for p in listing if p.endswith(".py")] + ["dtrain/metrics.py"]:
+        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, check=True).stdout
+        (package / Path(path).name).write_bytes(text.replace(b"from dtrain import metrics", b"from . import metrics"))
     spec = importlib.util.spec_from_file_location(
         name, package / "__init__.py", submodule_search_locations=[str(package)]
     )
@@ -80,11 +83,13 @@ def baseline_model_package(rev: str) -> ModuleType:
     return module
 
 
-def make_pair(config: str, overrides: list[str], baseline: ModuleType) -> tuple[Any, Any, dict[str, tuple]]:
+def make_pair(
+    config: str, overrides: list[str], baseline: ModuleType, changed: ModuleType
+) -> tuple[Any, Any, dict[str, tuple]]:
     cfg = load_config(ROOT / config, overrides)
     task = build_task(cfg.data)
     torch.manual_seed(cfg.train.seed)
-    after = build_model(cfg, task.spec)
+    after = changed.build_model(cfg, task.spec)
     before = baseline.build_model(cfg, task.spec)
     before.load_state_dict(after.state_dict())
     models = {"before": before, "after": after}
@@ -112,8 +117,10 @@ def same_bits(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     )
 
 
-def run_case(config: str, overrides: list[str], baseline: ModuleType, batch: int | None, repeats: int) -> dict:
-    cfg, task, pair = make_pair(config, overrides, baseline)
+def run_case(
+    config: str, overrides: list[str], baseline: ModuleType, changed: ModuleType, batch: int | None, repeats: int
+) -> dict:
+    cfg, task, pair = make_pair(config, overrides, baseline, changed)
     n = batch or max(1, cfg.train.batch_size // 2)
     batches = [task.batch("train", i * n, n) for i in range(8)]
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in pair}
@@ -163,6 +170,7 @@ def main() -> None:
     )
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every case")
     ap.add_argument("--baseline", default=BASELINE, help="git revision of the 'before' dtrain/model/")
+    ap.add_argument("--after", default=AFTER, help="git revision of the 'after' dtrain/model/")
     ap.add_argument("--batch", type=int, default=None, help="examples per step (default: batch_size / 2)")
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
@@ -172,7 +180,7 @@ def main() -> None:
     if args.tiny:
         args.cases, args.repeats = ["tests/configs/tiny.yaml"], 2
     torch.set_num_threads(args.threads)
-    baseline = baseline_model_package(args.baseline)
+    baseline, changed = model_package_at(args.baseline), model_package_at(args.after)
 
     lines = [
         "| case | examples × tokens per step | solver; adjoint iterations per layer (last step) | host syncs per step, "
@@ -184,7 +192,7 @@ def main() -> None:
     for case in args.cases:
         config, _, extra = case.partition(":")
         overrides = [*args.set, *(e for e in extra.split(",") if e)]
-        res = run_case(config, overrides, baseline, args.batch, args.repeats)
+        res = run_case(config, overrides, baseline, changed, args.batch, args.repeats)
         loops = [v for k, v in res["stats"].items() if k.startswith("fpsa/loop_l")]
         adj = [v for k, v in res["stats"].items() if k.startswith("fpsa/adj_iters_l")]
         iters = ", ".join(f"{v:.0f}" for v in loops) + "; " + (", ".join(f"{v:.0f}" for v in adj) if adj else "—")
@@ -204,7 +212,7 @@ def main() -> None:
             args.docs,
             SECTION,
             f"One process, {args.threads} thread(s), {args.repeats} timed rounds after 3 warm-up rounds; 'before' is "
-            f"dtrain/model/ at commit {args.baseline}, 'after' the current one (see the module doc of "
+            f"dtrain/model/ at commit {args.baseline}, 'after' at commit {args.after} (see the module doc of "
             "`bench/fpsa_host_syncs.py`). Host syncs are counted by `dtrain.syncs.count_syncs` over one step's "
             "forward, backward and `fpsa_stats()`.",
             loads,

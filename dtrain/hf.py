@@ -240,6 +240,7 @@ class HFBert(nn.Module):
     example_iterations = SelfTransformer.example_iterations
     fpsa_stats = SelfTransformer.fpsa_stats
     fpsa_example_iters = SelfTransformer.fpsa_example_iters
+    regularisation_loss = SelfTransformer.regularisation_loss
 
     def fpsa_layers(self) -> list[FixedPointLoop]:
         return fpsa_layers(self)

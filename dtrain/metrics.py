@@ -46,8 +46,8 @@ FPSA_ITERS_LAYER = "fpsa/iters_l{layer}"
 FPSA_LOOP_LAYER = "fpsa/loop_l{layer}"
 FPSA_ADJ_ITERS_LAYER = "fpsa/adj_iters_l{layer}"
 FPSA_ADJ_RESIDUAL_LAYER = "fpsa/adj_residual_l{layer}"
-FPSA_ADJ_DIVERGED_LAYER = "fpsa/adj_diverged_l{layer}"
-FPSA_ADJ_DAMPED_LAYER = "fpsa/adj_damped_l{layer}"
+FPSA_ADJ_FALLBACK_LAYER = "fpsa/adj_fallback_l{layer}"
+FPSA_JAC_PENALTY = "fpsa/jac_penalty"
 
 # rank-dAD's spectrum of the captured gradients (CommStats.extra); `layer` is the layer's name
 RANKDAD_PREFIX = "rankdad/"
@@ -157,6 +157,8 @@ def describe_wire_ratio(ratio: float | None, world_size: int) -> str:
         return f"no wire bytes, as {reference} (one rank: nothing crosses a link)"
     if math.isinf(ratio):
         return f"no wire bytes, against {reference}"
+    if ratio == 0:
+        return f"wire bytes where {reference} has none"
     if round(ratio, 1) == 1.0:
         return f"as many wire bytes as {reference}"
     if ratio > 1:

@@ -4,6 +4,7 @@
     logits = model(tokens, mask)                # [B, C] per-sequence, [B, L, C] per-token
     model.step_statistics()                     # {'fpsa/iters_mean': .., 'fpsa/iters_l0': .., ...} of the last forward
     model.example_iterations()                  # float [B] FPSA iterations per example (mean over layers), or None
+    regularisation_loss(model)                  # a term for the loss (fpsa.jac_reg), or None
 
 The last two are dtrain.metrics.ReportsStatistics: the trainer logs them without knowing about FPSA.
 
@@ -12,6 +13,6 @@ With model.family=hf-bert, build_model returns dtrain.hf.HFBert (a Hugging Face 
 
 from .attention import VanillaAttention
 from .fpsa import FixedPointAttention
-from .transformer import SelfTransformer, build_model
+from .transformer import SelfTransformer, build_model, regularisation_loss
 
-__all__ = ["FixedPointAttention", "SelfTransformer", "VanillaAttention", "build_model"]
+__all__ = ["FixedPointAttention", "SelfTransformer", "VanillaAttention", "build_model", "regularisation_loss"]

@@ -89,6 +89,8 @@ class FixedPointLoop(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(n_heads)) if learned_temperature else None
         self.last_solve: SolveStats | None = None
         self.last_adjoint = AdjointRecord()
+        # fpsa.jac_reg: the last training forward's Jacobian penalty (a differentiable scalar), else None
+        self.jac_penalty: torch.Tensor | None = None
         # when the forward solve reads its exit condition: one schedule for training and one for evaluation
         # forwards, which see different batches (plain attributes, not state: they only decide how many
         # no-op iterations run, never the results)
@@ -137,15 +139,44 @@ class FixedPointLoop(nn.Module):
         }
         return _LoopMaps(**fns, scale=scale.detach() if isinstance(scale, torch.Tensor) else scale)
 
+    def _functional_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
+        """The maps with parameter gradients through plain autograd (F.linear, no module call): for the Jacobian
+        penalty, whose gradient is a double backward; a capturing strategy then sees it as a dense gradient on
+        the weight (as with spectral norm), not as recorded Linear calls."""
+        fns = {name: partial(F.linear, weight=weights[name], bias=self.projection(name).bias) for name in weights}
+        return _LoopMaps(**fns, scale=scale)
+
+    def update(self, maps: _LoopMaps, z: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """U(z) = W_O concat_h softmax(Q_h K_hᵀ scale) V_h; v is [B, H, L, d_h]."""
+        q, k = split_heads(maps.q(z), self.n_heads), split_heads(maps.k(z), self.n_heads)
+        return maps.o(merge_heads(attend(q, k, v, bias, maps.scale)))
+
     def step(
         self, maps: _LoopMaps, z: torch.Tensor, x: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """One damped iteration (1 - α) z + α F(z); v is [B, H, L, d_h]."""
-        q, k = split_heads(maps.q(z), self.n_heads), split_heads(maps.k(z), self.n_heads)
-        update = maps.o(merge_heads(attend(q, k, v, bias, maps.scale)))
+        """One damped iteration (1 - α) z + α F(z)."""
+        update = self.update(maps, z, v, bias)
         target = x + update if self.cfg.reinject else update
         alpha = self.cfg.damping
         return (1 - alpha) * z + alpha * target
+
+    def _jacobian_penalty(
+        self,
+        z_star: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        real: torch.Tensor,
+        weights: dict[str, torch.Tensor],
+        scale: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """Hutchinson estimate of ‖K‖²_F / (real tokens x d_model) at Z*, K = ∂U/∂Z the Jacobian of the undamped
+        map (the damping only shifts J = (1 - α) I + α K): E‖εᵀK‖² = ‖K‖²_F for ε ~ N(0, I), one sample per
+        forward. Differentiable in the parameters and V (create_graph), as in Bai et al. 2021."""
+        z = z_star.detach().requires_grad_()
+        u = self.update(self._functional_maps(weights, scale), z, v, bias)
+        eps = torch.randn_like(z) * real[..., None].to(z.dtype)
+        (eps_k,) = torch.autograd.grad(u, z, eps, create_graph=True)
+        return eps_k.pow(2).sum() / (real.sum() * z.shape[-1]).clamp_min(1)
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -162,7 +193,14 @@ class FixedPointLoop(nn.Module):
         if differentiable and cfg.backward == "bptt":
             live = self._live_maps(weights, scale)
             z, self.last_solve = solve(
-                lambda z: self.step(live, z, x, v, bias), x, real, cfg.tol, cfg.max_iter, schedule
+                lambda z: self.step(live, z, x, v, bias),
+                x,
+                real,
+                cfg.tol,
+                cfg.max_iter,
+                schedule,
+                cfg.damping,
+                cfg.anderson_memory,
             )
         else:
             frozen = self._frozen_maps(weights, scale)
@@ -175,9 +213,14 @@ class FixedPointLoop(nn.Module):
                     cfg.tol,
                     cfg.max_iter,
                     schedule,
+                    cfg.damping,
+                    cfg.anderson_memory,
                 )
             if differentiable:
                 z = self._gradient_path(z, x, v, bias, self._live_maps(weights, scale), frozen)
+        self.jac_penalty = None
+        if differentiable and self.training and cfg.jac_reg > 0:
+            self.jac_penalty = self._jacobian_penalty(z.detach(), v, bias, real, weights, scale)
         return z - x if cfg.reinject else z
 
     def _gradient_path(
@@ -203,6 +246,7 @@ class FixedPointLoop(nn.Module):
                     cfg.adj_tol,
                     self.last_adjoint,
                     damping=cfg.damping,
+                    memory=cfg.anderson_memory,
                 )
         else:
             y = z_star

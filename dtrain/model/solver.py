@@ -1,9 +1,14 @@
-"""Per-token damped fixed-point iteration with freezing, and when the host looks at the loop-exit condition.
+"""Per-token fixed-point solve with freezing (plain or Anderson-accelerated), and when the host looks at the
+loop-exit condition.
 
-Each iteration applies `step` to the whole state, then keeps the new value only for tokens still active. A
-token stops (and is frozen at its current value) once its relative change ||z_new - z|| / ||z|| falls below
-`tol`; padding tokens are never active. The loop ends when no token is active or after `max_iter` iterations.
-Runs the same with grad enabled (the BPTT reference: torch.where passes gradients to the kept values) or not.
+Each iteration applies `step` (the damped map f(z) = (1 - α) z + α F(z)) to the whole state and measures each
+token's fixed-point residual ||F(z) - z|| / ||z|| = ||f(z) - z|| / (α ||z||): the residual of the undamped map,
+so `tol` means the same whatever the damping (a damped step changes z by only α times it). A token whose residual
+is below `tol` takes the plain step f(z) once more and is then frozen; padding tokens are never active. Tokens
+still active take the next iterate: f(z) itself with `memory` 0, else the Anderson extrapolation (anderson.py)
+over the last `memory` steps of their example, computed on the active tokens only. The loop ends when no token
+is active or after `max_iter` iterations. Runs the same with grad enabled (the BPTT reference: torch.where passes
+gradients to the kept values, and the extrapolation is differentiable) or not.
 
 Host syncs. Whether any token is still active is a device value; reading it on the host (`bool(active.any())`)
 waits for the device to finish everything queued so far. The loop therefore reads it only at the iterations an
@@ -20,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .anderson import Anderson
 
 #: where a fresh ExitSchedule first looks: the iterations a solve is guessed to need before anything is known
 FIRST_CHECK = 4
@@ -124,10 +131,14 @@ def solve(
     tol: float,
     max_iter: int,
     schedule: ExitSchedule | None = None,
+    damping: float = 1.0,
+    memory: int = 0,
 ) -> tuple[torch.Tensor, SolveStats]:
-    """Returns the final state [B, L, D] and how the tokens got there. `schedule` (kept by the caller between
-    solves, so that it learns the usual count) decides when the host reads the exit condition."""
+    """Returns the final state [B, L, D] and how the tokens got there. `damping`: the α of `step`; `memory`: the
+    Anderson history (0: the plain iteration). `schedule` (kept by the caller between solves, so that it learns
+    the usual count) decides when the host reads the exit condition."""
     schedule = ExitSchedule() if schedule is None else schedule
+    anderson = Anderson(memory)
     z = z0
     active = real.clone()
     token_iters = torch.zeros(real.shape, dtype=torch.int64, device=real.device)
@@ -137,11 +148,13 @@ def solve(
     known: int | None = None
     schedule.start(max_iter)
     for iteration in range(1, max_iter + 1):
-        z_new = step(z)
+        fz = step(z)
         with torch.no_grad():
-            change = (z_new - z).norm(dim=-1) / z.norm(dim=-1).clamp_min(torch.finfo(z.dtype).tiny)
-            settled = active & (change < tol)
-        z = torch.where(active[..., None], z_new, z)
+            residual = (fz - z).norm(dim=-1) / (damping * z.norm(dim=-1).clamp_min(torch.finfo(z.dtype).tiny))
+            settled = active & (residual < tol)
+            moving = active & ~settled
+        z_next = anderson.mix(fz, fz - z, moving[..., None].to(z.dtype))
+        z = torch.where(moving[..., None], z_next, torch.where(settled[..., None], fz, z))
         token_iters += active
         converged |= settled
         active = active & ~settled  # not in place: torch.where saved the previous mask for backward

@@ -97,6 +97,13 @@ class SelfTransformer(nn.Module):
             return None
         return self.fpsa_example_iters().float() / len(layers)
 
+    def regularisation_loss(self) -> torch.Tensor | None:
+        """fpsa.jac_reg x the sum over FPSA layers of their Jacobian penalty of the last training forward, to add
+        to the loss before backward; None when there is none (vanilla, jac_reg 0, evaluation)."""
+        terms = [(layer.cfg.jac_reg, layer.jac_penalty) for layer in self.fpsa_layers()]
+        terms = [weight * penalty for weight, penalty in terms if penalty is not None]
+        return torch.stack(terms).sum() if terms else None
+
     # ------------------------------------------------------------------------------------------ FPSA stats
 
     def fpsa_layers(self) -> list[FixedPointAttention]:
@@ -108,8 +115,9 @@ class SelfTransformer(nn.Module):
         fpsa/iters_l{i}: mean iterations per real token in layer i; fpsa/iters_mean: their mean over layers;
         fpsa/loop_l{i}: iterations layer i's loop ran (its slowest token); fpsa/converged_frac: share of
         (real token, layer) pairs that met fpsa.tol. After an implicit backward also fpsa/adj_iters_l{i},
-        fpsa/adj_residual_l{i} (relative change of λ at exit) and fpsa/adj_diverged_l{i} (examples whose adjoint
-        iteration was stopped on divergence) of the last adjoint solve. One host sync reads them all.
+        fpsa/adj_residual_l{i} (the worst relative residual of the adjoint system over examples) and
+        fpsa/adj_fallback_l{i} (examples that fell back to the phantom gradient) of the last adjoint solve; with
+        fpsa.jac_reg, fpsa/jac_penalty (the layers' mean Jacobian penalty). One host sync reads them all.
         """
         layers = self.fpsa_layers()
         solves = [layer.last_solve for layer in layers]
@@ -121,6 +129,9 @@ class SelfTransformer(nn.Module):
             parts += [s.device_sums(), s.loop_iters().double()[None]]
             if layer.last_adjoint.ran:
                 parts.append(layer.last_adjoint.values)
+        penalties = [layer.jac_penalty for layer in layers if layer.jac_penalty is not None]
+        if penalties:
+            parts.append(torch.stack(penalties).detach().double().mean()[None])
         values = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
         stats: dict[str, float] = {}
         fractions = []
@@ -131,15 +142,16 @@ class SelfTransformer(nn.Module):
             stats[metrics.FPSA_LOOP_LAYER.format(layer=i)] = loop
             fractions.append(converged / real if real else math.nan)
             if layer.last_adjoint.ran:
-                (iters, residual, diverged, damped), values = values[:4], values[4:]
+                (iters, residual, fallbacks), values = values[:3], values[3:]
                 if iters:
                     stats[metrics.FPSA_ADJ_ITERS_LAYER.format(layer=i)] = iters
                     stats[metrics.FPSA_ADJ_RESIDUAL_LAYER.format(layer=i)] = residual
-                    stats[metrics.FPSA_ADJ_DIVERGED_LAYER.format(layer=i)] = diverged
-                    stats[metrics.FPSA_ADJ_DAMPED_LAYER.format(layer=i)] = damped
+                    stats[metrics.FPSA_ADJ_FALLBACK_LAYER.format(layer=i)] = fallbacks
         per_layer = [stats[metrics.FPSA_ITERS_LAYER.format(layer=i)] for i in range(len(layers))]
         stats[metrics.FPSA_ITERS_MEAN] = sum(per_layer) / len(layers)
         stats[metrics.FPSA_CONVERGED_FRAC] = sum(fractions) / len(solves)
+        if penalties:
+            stats[metrics.FPSA_JAC_PENALTY] = values[0]
         return stats
 
     def fpsa_example_iters(self, layer: int | None = None) -> torch.Tensor:
@@ -151,6 +163,12 @@ class SelfTransformer(nn.Module):
         if layer is not None:
             return solves[layer].example_iters()
         return torch.stack([s.example_iters() for s in solves]).sum(dim=0)
+
+
+def regularisation_loss(model: nn.Module) -> torch.Tensor | None:
+    """The model's regularisation term of its last training forward (to add to the loss), None without one."""
+    regulariser = getattr(model, "regularisation_loss", None)
+    return regulariser() if regulariser is not None else None
 
 
 def build_model(cfg: Config, spec: TaskSpec) -> nn.Module:

@@ -50,6 +50,32 @@ def test_fpsa_step_time_tiny(monkeypatch, capsys, tmp_path):
     assert "Command: `.venv/bin/python -m bench.fpsa_step_time --tiny --docs " in docs.read_text()
 
 
+def test_fpsa_gradient_check_and_adaptivity_on_a_tiny_checkpoint(monkeypatch, capsys, tmp_path):
+    """Both read a run directory (config.yaml, model.pt): here an untrained S5 model, contractive at init."""
+    from dtrain.config import Config, dump_config
+    from dtrain.data import build_task
+    from dtrain.model import build_model
+
+    cfg = Config.model_validate(
+        {
+            "model": {"d_model": 8, "n_layers": 1, "n_heads": 2},
+            "fpsa": {"max_iter": 12, "tol": 1e-6, "damping": 1.0},
+            "data": {"task": "s5", "seq_len": 6, "n_val": 16},
+            "train": {"batch_size": 8},
+        }
+    )
+    torch.manual_seed(0)
+    (tmp_path / "config.yaml").write_text(dump_config(cfg))
+    torch.save(build_model(cfg, build_task(cfg.data).spec).state_dict(), tmp_path / "model.pt")
+    docs = tmp_path / "benchmarks.md"
+    _run_main("fpsa_gradient_check", [str(tmp_path), "--docs", str(docs)], monkeypatch)
+    assert "| implicit vs exact fixed point |" in capsys.readouterr().out
+    _run_main("fpsa_adaptivity", [str(tmp_path), "--boot", "20", "--docs", str(docs)], monkeypatch)
+    assert "| iterations ~ difficulty + position |" in capsys.readouterr().out
+    text = docs.read_text()
+    assert "## FPSA implicit vs BPTT gradient" in text and "## FPSA iterations vs per-token difficulty" in text
+
+
 def test_rankdad_model_overhead_tiny(monkeypatch, capsys):
     _run_main("rankdad_model_overhead", ["--tiny"], monkeypatch)
     assert "| k1 EF bf16 |" in capsys.readouterr().out

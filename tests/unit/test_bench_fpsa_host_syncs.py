@@ -18,8 +18,9 @@ def _has_revision(rev: str) -> bool:
 def test_fpsa_host_syncs_tiny(monkeypatch, capsys, tmp_path):
     from bench import fpsa_host_syncs
 
-    if not _has_revision(fpsa_host_syncs.BASELINE):
-        pytest.skip(f"git revision {fpsa_host_syncs.BASELINE} (the 'before' model) is not in this checkout")
+    for rev in (fpsa_host_syncs.BASELINE, fpsa_host_syncs.AFTER):
+        if not _has_revision(rev):
+            pytest.skip(f"git revision {rev} (a compared model) is not in this checkout")
     docs = tmp_path / "benchmarks.md"
     monkeypatch.setattr(sys, "argv", [str(ROOT / "bench" / "fpsa_host_syncs.py"), "--tiny", "--docs", str(docs)])
     fpsa_host_syncs.main()
