@@ -199,10 +199,13 @@ def resolve_run_dir(dtrain_args: list[str], world_size: int) -> Path:
     return default_run_dir(cfg, args.config, world_size).resolve()
 
 
-def host_command(cluster: Cluster, i: int, nproc: int, port: int, job_id: str, dtrain_args: list[str]) -> list[str]:
+def host_command(
+    cluster: Cluster, i: int, nproc: int, port: int, job_id: str, max_restarts: int, dtrain_args: list[str]
+) -> list[str]:
     # Each flag below is needed (env_notes §4): is_host=1 because host 0 does not know 10.x as "its" name;
     # --local-addr so workers get a reachable MASTER_ADDR; GLOO_SOCKET_IFNAME because the machine's hostname
-    # resolves to 127.0.0.1 in every namespace.
+    # resolves to 127.0.0.1 in every namespace. TORCH_DISABLE_SHARE_RDZV_TCP_STORE: a fresh store for every
+    # round of the rendezvous (launch/torchrun_multinode.sh says why).
     return [
         "ip",
         "netns",
@@ -210,6 +213,7 @@ def host_command(cluster: Cluster, i: int, nproc: int, port: int, job_id: str, d
         cluster.ns(i),
         "env",
         f"GLOO_SOCKET_IFNAME={IFACE}",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -217,6 +221,8 @@ def host_command(cluster: Cluster, i: int, nproc: int, port: int, job_id: str, d
         str(cluster.hosts),
         "--nproc-per-node",
         str(nproc),
+        "--max-restarts",
+        str(max_restarts),
         "--node-rank",
         str(i),
         "--rdzv-backend",
@@ -286,10 +292,16 @@ def _request_stop(signum, frame):
     _stop_signal = signum
 
 
-def main(argv: list[str] | None = None) -> int:
+def split_at_dashes(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the launcher's own arguments, the `dtrain train` arguments after `--`) of a cluster launcher's command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    dtrain_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, dtrain_args = split_at_dashes(argv)
     p = argparse.ArgumentParser(
         prog="launch/netns_cluster",
         description=__doc__.split("\n\n")[0],
@@ -303,12 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subnet", default="10.77.0", help="first three octets of the private /24, default 10.77.0")
     p.add_argument("--port", type=int, default=29400, help="rendezvous port on host 0, default 29400")
     p.add_argument("--timeout", type=float, default=3600, help="stop the job after this many seconds")
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="torchrun --max-restarts: after a failure (a peer unreachable for comm.timeout_s) the workers restart "
+        "and resume from the last checkpoint; default 0",
+    )
     args = p.parse_args(own)
     if not dtrain_args:
         p.error("no dtrain arguments: add `-- --config FILE [--set ...]`")  # usage, exit 2
     try:
-        if args.hosts < 1 or args.nproc_per_host < 1:
-            raise SetupError("--hosts and --nproc-per-host must be at least 1")
+        if args.hosts < 1 or args.nproc_per_host < 1 or args.max_restarts < 0:
+            raise SetupError("--hosts and --nproc-per-host must be at least 1, --max-restarts at least 0")
         if not re.fullmatch(r"(\d{1,3}\.){2}\d{1,3}", args.subnet) or args.hosts > 250:
             raise SetupError(f"--subnet {args.subnet!r}: expected three octets like 10.77.0 (and at most 250 hosts)")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", args.prefix):
@@ -336,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         before = cluster.counters()
         t0 = time.monotonic()
         commands = [
-            host_command(cluster, i, args.nproc_per_host, args.port, job_id, dtrain_args) for i in range(args.hosts)
+            host_command(cluster, i, args.nproc_per_host, args.port, job_id, args.max_restarts, dtrain_args)
+            for i in range(args.hosts)
         ]
         codes = run_hosts(commands, logs, args.timeout, grace_s=30)
         if _stop_signal is not None:

@@ -1,5 +1,7 @@
 """docker/docker-compose.yml validated by a compose implementation, where one is installed ($DOCKER_COMPOSE,
-docker-compose, or `docker compose`); tests/unit/test_docker.py checks the same file as data everywhere."""
+docker-compose, or `docker compose`); tests/unit/test_docker.py checks the same file as data everywhere;
+launch/compose_cluster refuses bad input before it installs or starts anything (its real runs:
+tests/distributed/test_compose_cluster.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.helpers.launch import ROOT
+from tests.helpers.launch import ROOT, TINY, env
 
 DOCKER = ROOT / "docker"
 
@@ -38,3 +40,27 @@ def test_compose_itself_accepts_the_file():
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.split()) == sorted(services)
+
+
+def test_compose_cluster_refuses_bad_input_before_installing_anything():
+    proc = subprocess.run(
+        [
+            str(ROOT / "launch" / "compose_cluster"),
+            "--nodes",
+            "2",
+            "--",
+            "--config",
+            TINY,
+            "--set",
+            "train.batch_size=7",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "compose_cluster: error: train.batch_size=7 is not divisible by the world size 2"
+    ]

@@ -75,3 +75,18 @@ def netns_missing() -> str | None:
     if shutil.which("ip") is None or subprocess.run(["ip", "netns", "list"], capture_output=True).returncode:
         return "`ip netns` is not available"
     return None
+
+
+def docker_missing() -> str | None:
+    """None where launch/compose_cluster can run (a reachable docker daemon with docker-compose, or root with what
+    it installs or apt-get to install it), else why not: the reason of a skip."""
+    daemon = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    if daemon and shutil.which("docker-compose"):
+        return None
+    if os.geteuid() != 0:
+        return "needs root (to install docker.io and start a private dockerd) or a reachable docker daemon"
+    if shutil.which("apt-get") is None and not all(
+        shutil.which(c) for c in ("dockerd", "docker-compose", "debootstrap")
+    ):
+        return "needs apt-get to install docker.io, docker-compose and debootstrap"
+    return None

@@ -27,7 +27,14 @@ def test_hostfile_example_is_in_deepspeed_format():
 
 
 def test_scripts_are_executable():
-    for name in ("torchrun_single.sh", "torchrun_multinode.sh", "deepspeed.sh", "slurm.sbatch", "netns_cluster"):
+    for name in (
+        "torchrun_single.sh",
+        "torchrun_multinode.sh",
+        "deepspeed.sh",
+        "slurm.sbatch",
+        "netns_cluster",
+        "compose_cluster",
+    ):
         assert os.access(LAUNCH / name, os.X_OK), name
 
 
