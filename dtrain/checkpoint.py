@@ -5,19 +5,20 @@ Layout of one checkpoint, `checkpoints/step_00000120/`:
     deepspeed/...           instead of DCP when the engine stores model + optimizer itself (`engine.state_format`,
                             DeepSpeed ZeRO-1: its own checkpoint, one optimizer partition per rank)
     rank{r}.pt              what differs by rank: strategy memory (error feedback, warm starts), RNG states
-    meta.json               step, data position, scheduler, world size, state format, and a manifest (size +
-                            sha256 of every file, subdirectories included) written last
+    meta.json               step, data position, scheduler, world size, torchrun job id, state format, and a
+                            manifest (size + sha256 of every file, subdirectories included) written last
 
 Atomicity: everything is written into `step_X.partial/`; after a barrier rank 0 writes meta.json and renames
 the directory to `step_X/`. A killed save leaves only a `.partial` directory, which is never loaded. On resume
 the newest checkpoint whose manifest verifies is used; a corrupt one is skipped (with a warning) for the
 previous one. Run directories are assumed to be on a file system every rank can see (one machine, or a
-shared volume).
+shared volume). Loading runs no code from the files: every pickle in them is read through an allow-list
+(dtrain/safeload.py).
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
 import random
@@ -29,14 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from . import faults
 from .config import ConfigError
-from .distributed import barrier, broadcast_
+from .distributed import all_gather_objects, all_ranks_agree, broadcast_
+from .manifest import damage, manifest
+from .metrics import format_bytes
 from .rundir import write_json_atomic
+from .safeload import dcp_failure, dcp_load, load_local
 
 _PREFIX = "step_"
+META_FILE = "meta.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,43 +60,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    return {
-        name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in files
-        if (name := p.relative_to(directory).as_posix()) != "meta.json"
-    }
-
-
 def verify(directory: Path) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not."""
-    meta_path = directory / "meta.json"
+    meta_path = directory / META_FILE
     if not meta_path.exists():
         return "no meta.json"
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, OSError) as err:
         return f"unreadable meta.json ({err})"
-    for name, want in meta.get("manifest", {}).items():
-        f = directory / name
-        if not f.exists():
-            return f"missing {name}"
-        if f.stat().st_size != want["bytes"]:
-            return f"{name} has {f.stat().st_size} bytes, expected {want['bytes']}"
-        if _sha256(f) != want["sha256"]:
-            return f"{name} checksum mismatch"
-    if not meta.get("manifest"):
-        return "empty manifest"
-    return None
+    return damage(directory, meta.get("manifest", {}))
+
+
+class CheckpointNotSaved(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); the earlier ones are intact."""
+
+
+def _why(err: BaseException) -> str:
+    """One line for a failed write: the errno's words and the file for an OSError (a full disk)."""
+    if isinstance(err, CheckpointException):
+        rank, exc = dcp_failure(err)
+        return f"rank {rank}: {_why(exc)}"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (f": {err.filename}" if err.filename else "")
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {first}"
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -98,6 +92,29 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+
+def job_id() -> str | None:
+    """The id of the torchrun job this process belongs to (its --rdzv-id; --standalone draws one per launch), or
+    None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def saved_by_this_job(root: Path) -> bool:
+    """Whether a checkpoint under `root` was saved by this torchrun job: then this process is one of its restarted
+    workers. torchrun restarts workers after a failure (--max-restarts) and whenever a node leaves or joins an
+    elastic job (--nnodes MIN:MAX), but TORCHELASTIC_RESTART_COUNT counts only the failures, and a node that joins
+    starts its own count at 0: the count cannot tell a restart from a first start, the job id in meta.json can."""
+    job = job_id()
+    if job is None:
+        return False
+    for path in list_checkpoints(root):
+        try:
+            if json.loads((path / META_FILE).read_text()).get("job") == job:
+                return True
+        except (OSError, ValueError):
+            continue  # an unfinished or damaged checkpoint says nothing about who wrote it
+    return False
 
 
 class Checkpointer:
@@ -120,27 +137,42 @@ class Checkpointer:
         meta: dict[str, Any],
         engine: Any = None,
     ) -> Path:
-        """`engine`: when its `state_format` is set, it saves model + optimizer (`engine.save_state`), not DCP."""
+        """`engine`: when its `state_format` is set, it saves model + optimizer (`engine.save_state`), not DCP.
+
+        Raises CheckpointNotSaved on every rank when any rank could not write its part (a full disk, a quota):
+        the partial directory is removed and the checkpoints saved before are untouched."""
         final = self.root / f"{_PREFIX}{step:08d}"
         partial = final.with_name(final.name + ".partial")
-        if self.rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        barrier()
         state_format = _state_format(engine)
-        if state_format == "dcp":
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
-        else:
-            engine.save_state(partial)
-        torch.save(local_state, partial / f"rank{self.rank}.pt")
-        faults.fire("checkpoint", step, self.rank)
-        barrier()
-        if self.rank == 0:
+
+        def prepare() -> None:
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+
+        def write() -> None:
+            if state_format == "dcp":
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
+            else:
+                engine.save_state(partial)
+            buf = io.BytesIO()  # serialised in memory, written with plain file I/O: a full disk says so by errno
+            torch.save(local_state, buf)
+            (partial / f"rank{self.rank}.pt").write_bytes(buf.getvalue())
+            faults.fire("checkpoint", step, self.rank)
+
+        def publish() -> None:
+            if self.rank != 0:
+                return
             full_meta = dict(
-                meta, step=step, world_size=self.world_size, state_format=state_format, manifest=_manifest(partial)
+                meta,
+                step=step,
+                world_size=self.world_size,
+                job=job_id(),
+                state_format=state_format,
+                manifest=manifest(partial, exclude=META_FILE),
             )
-            write_json_atomic(partial / "meta.json", full_meta)
+            write_json_atomic(partial / META_FILE, full_meta)
             _fsync_dir(partial)
             if final.exists():  # re-saving a step after a resume: swap, never leave no checkpoint
                 stale = final.with_name(final.name + ".old")
@@ -152,8 +184,32 @@ class Checkpointer:
                 os.replace(partial, final)
             _fsync_dir(self.root)
             self._prune()
-        barrier()
+
+        for phase in (prepare, write, publish):  # each ends with every rank agreeing that it worked
+            self._together(phase, final, partial)
         return final
+
+    def _together(self, phase: Callable[[], None], final: Path, partial: Path) -> None:
+        """Run this rank's part of a save phase; if it failed on any rank, remove the partial directory and raise
+        CheckpointNotSaved on every rank, with each failing rank's reason."""
+        why = None
+        try:
+            phase()
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            # the free space now, before the partial save is removed: torch.save reports a full disk as an
+            # opaque RuntimeError, this says it
+            free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+            why = f"{_why(err)}; {format_bytes(free)} free on its file system"
+        if all_ranks_agree(why is None):
+            return
+        reasons = sorted({r for r in all_gather_objects(why) if r is not None})
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        good = list_checkpoints(self.root)
+        raise CheckpointNotSaved(
+            f"checkpoint {final} not saved ({'; '.join(reasons)}); "
+            + (f"the last good checkpoint, {good[-1].name}, is intact" if good else "there is no earlier checkpoint")
+        )
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.root)[: -self.keep]:
@@ -179,7 +235,7 @@ class Checkpointer:
         self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, engine: Any = None
     ) -> tuple[dict, dict]:
         """Restore model and optimizer in place; returns (meta, this rank's local state)."""
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / META_FILE).read_text())
         saved, wanted = meta.get("state_format", "dcp"), _state_format(engine)
         if saved != wanted:
             raise ConfigError(
@@ -189,7 +245,7 @@ class Checkpointer:
         if wanted == "dcp":
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
+            dcp_load(state, path)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             if meta.get("world_size") != self.world_size:
@@ -202,7 +258,7 @@ class Checkpointer:
         local_path = path / f"rank{self.rank}.pt"
         local: dict[str, Any] = {}
         if meta.get("world_size") == self.world_size and local_path.exists():
-            local = torch.load(local_path, weights_only=False)
+            local = load_local(local_path)
         elif self.rank == 0:
             self.warn(
                 f"checkpoint was written by {meta.get('world_size')} ranks, this job has {self.world_size}: "

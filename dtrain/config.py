@@ -61,7 +61,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no float key means anything at NaN or ±inf (a timeout of inf overflowed the process group's timedelta)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -71,10 +72,12 @@ class ModelConfig(_Section):
         "(needs dtrain[hf]), with FPSA swapped into its self-attention when attention=fpsa",
     )
     attention: Literal["vanilla", "fpsa"] = "fpsa"
-    d_model: int = Field(64, ge=8)
-    n_layers: int = Field(2, ge=1)
+    # upper bounds on sizes and counts here and below: sanity caps, far above any model this project trains, so
+    # a mistyped value fails in one line instead of in an allocation or a loop that never ends
+    d_model: int = Field(64, ge=8, le=65_536)
+    n_layers: int = Field(2, ge=1, le=1024)
     n_heads: int = Field(4, ge=1)
-    d_ff: int | None = Field(None, ge=1, description="feed-forward width; default 4*d_model")
+    d_ff: int | None = Field(None, ge=1, le=1_048_576, description="feed-forward width; default 4*d_model")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     learned_temperature: bool = Field(
         False, description="FPSA only: a learned per-head temperature. ADDS n_heads parameters per layer."
@@ -94,32 +97,53 @@ class ModelConfig(_Section):
 
 class FPSAConfig(_Section):
     max_iter: int = Field(8, ge=1, le=1000)
-    tol: float = Field(1e-3, gt=0.0)
+    tol: float = Field(1e-3, gt=0.0, description="a token stops once ||F(Z) - Z|| / ||Z|| < tol (undamped residual)")
+    anderson_memory: int = Field(
+        5,
+        ge=0,
+        le=32,
+        description="Anderson acceleration of the forward and adjoint solves: steps of history "
+        "(0: the plain damped iteration)",
+    )
     damping: float = Field(0.5, gt=0.0, le=1.0, description="alpha in Z <- (1-alpha) Z + alpha F(Z)")
     reinject: bool = Field(True, description="input re-injection F(Z) = X + U(Z); False is the ablation F = U")
     backward: Literal["implicit", "phantom", "bptt"] = "implicit"
-    adj_max_iter: int = Field(30, ge=1)
+    adj_max_iter: int = Field(30, ge=1, le=10_000)
     adj_tol: float = Field(1e-6, gt=0.0)
-    phantom_steps: int = Field(1, ge=1)
+    phantom_steps: int = Field(1, ge=1, le=1000)
     spectral_norm: bool = False
+    jac_reg: float = Field(
+        0.0,
+        ge=0.0,
+        description="weight of the Jacobian penalty (Hutchinson estimate of ||dU/dZ||_F^2 per entry "
+        "at the fixed point) added to the training loss",
+    )
 
 
 class DataConfig(_Section):
     task: Literal[TASK_NAMES] = "parity"  # type: ignore[valid-type]
     seq_len: int = Field(16, ge=2, le=4096)
     max_depth: int = Field(3, ge=1, le=10, description="listops: deepest nesting (the difficulty)")
-    n_val: int = Field(512, ge=1)
-    seed: int = 0
+    n_val: int = Field(512, ge=1, le=10_000_000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     workers: int = Field(
         1,
         ge=0,
+        le=256,
         description="DataLoader worker processes per rank that build the training batches ahead of the step; "
         "0 builds each batch in the training process, on the critical path",
     )
-    prefetch: int = Field(2, ge=1, description="batches each worker keeps ready (DataLoader prefetch_factor)")
+    prefetch: int = Field(2, ge=1, le=1024, description="batches each worker keeps ready (DataLoader prefetch_factor)")
     # ---- digits
     patch: Literal[1, 2, 4] = Field(
         2, description="digits: side of the square patch of pixels one token covers (1: 64 tokens, 2: 16, 4: 4)"
+    )
+    shift: int = Field(
+        0,
+        ge=0,
+        le=2,
+        description="digits: the training split also holds every image moved by up to this many pixels in each "
+        "direction, zero-filled ((2 shift + 1)² copies of each); validation images are never moved",
     )
     # ---- text (docs/data.md)
     objective: Literal["mlm", "classification"] = Field(
@@ -170,18 +194,19 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     steps: int = Field(200, ge=1)
-    batch_size: int = Field(64, ge=1, description="GLOBAL batch over all ranks")
+    batch_size: int = Field(64, ge=1, le=16_777_216, description="GLOBAL batch over all ranks")
     grad_accum: int = Field(
         1,
         ge=1,
         description="micro-batches per step: each rank's batch_size/world_size examples go through this many "
         "forward/backward passes, then one gradient synchronisation and one optimizer step",
     )
-    lr: float = Field(1e-3, gt=0.0)
-    seed: int = 0
+    # lr and weight_decay reach float32 tensors in the optimizer (a value beyond float32's range fails there)
+    lr: float = Field(1e-3, gt=0.0, le=1e6)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1e6)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables")
@@ -201,7 +226,7 @@ class CommConfig(_Section):
 
     strategy: Literal[STRATEGY_NAMES] = "allreduce"  # type: ignore[valid-type]
     rank: int = Field(4, ge=1, description="compression rank (powersgd, ddp-powersgd, rankdad)")
-    power_iters: int = Field(1, ge=1, description="subspace iterations per step (rankdad)")
+    power_iters: int = Field(1, ge=1, le=1000, description="subspace iterations per step (rankdad)")
     rankdad_mode: Literal["oneway", "twoway", "allreduce"] = Field(
         "oneway",
         description="rankdad: oneway/twoway all-gather each rank's factors (one round trip; wire bytes grow as "
@@ -250,7 +275,7 @@ class CommConfig(_Section):
         description="wire format of the low-rank factors; int8 and fp8 (e4m3) carry one fp32 scale per column and "
         "only rankdad's all-gather forms (oneway, twoway) take them",
     )
-    bucket_mb: float = Field(25.0, gt=0.0)
+    bucket_mb: float = Field(25.0, gt=0.0, le=1e6)
     rest_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="dad/rankdad/auto: dtype of the uncaptured gradients (biases, norms, embeddings); "
@@ -261,7 +286,9 @@ class CommConfig(_Section):
         description="dad/rankdad/auto: start each Linear layer's collective during "
         "backward, as soon as its last Δ arrives, instead of after backward",
     )
-    timeout_s: float = Field(300.0, gt=0.0, description="a collective that takes longer fails the job")
+    timeout_s: float = Field(
+        300.0, gt=0.0, le=1e7, description="a collective that takes longer fails the job (at most 1e7 s, 115 days)"
+    )
 
     @model_validator(mode="after")
     def _strategy_rules(self) -> CommConfig:
@@ -281,6 +308,11 @@ class EvalConfig(_Section):
 class CheckpointConfig(_Section):
     every: int = Field(0, ge=0, description="0: only at the end")
     keep: int = Field(2, ge=1)
+    on_error: Literal["stop", "warn"] = Field(
+        "stop",
+        description="a checkpoint that cannot be written (a full disk, a quota): stop the job with one line "
+        "(nonzero exit), or warn with one line and train on; either way the earlier checkpoints stay intact",
+    )
 
 
 class LogConfig(_Section):
@@ -364,7 +396,8 @@ def _one_line(err: ValidationError) -> str:
     kind = e.get("type", "")
     if kind == "extra_forbidden":
         allowed = _allowed_for(loc)
-        return f"unknown config key '{key}'" + (f" (allowed in this section: {allowed})" if allowed else "")
+        # repr: a key is any YAML string, newlines included, and the message stays one line
+        return f"unknown config key {key!r}" + (f" (allowed in this section: {allowed})" if allowed else "")
     if kind in ("literal_error", "enum"):
         allowed = e.get("ctx", {}).get("expected", "")
         return f"{key}: {value!r} is not allowed; allowed: {allowed}"

@@ -10,8 +10,10 @@ Process groups:
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import pickle
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -71,11 +73,30 @@ def init_distributed(timeout_s: float = 300.0, local_rank: int | None = None) ->
                 timeout=timeout,
             )
         elif "RANK" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timeout)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store = job_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         else:
             store = dist.HashStore()
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def job_store(host: str, port: int, rank: int, world: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The job's store when dtrain hosts it (launchers that set MASTER_ADDR without an agent store, e.g. the
+    deepspeed launcher). The store has no authentication, and torch's TCPStore server listens on every
+    interface whatever host it is given; so rank 0 binds it to MASTER_ADDR itself when that is an IP address of
+    this machine (a hostname, or an address behind NAT, keeps torch's every-interface listener). Under torchrun
+    the agent hosts the store and dtrain cannot narrow it: docs/security.md."""
+    if rank != 0:
+        return dist.TCPStore(host, port, world, is_master=False, timeout=timeout, multi_tenant=True)
+    try:
+        ipaddress.ip_address(host)
+        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except (ValueError, OSError):  # not an IP literal, or not an address of this machine
+        return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, multi_tenant=True)
+    fd = listener.detach()  # the store owns the bound socket from here on
+    return dist.TCPStore(host, port, world, is_master=True, timeout=timeout, multi_tenant=True, master_listen_fd=fd)
 
 
 def shutdown() -> None:
@@ -354,6 +375,7 @@ def is_comm_failure(err: BaseException) -> bool:
             "timed out",
             "Connection closed by peer",
             "Connection reset",
+            "pair closure",  # gloo: "Application timeout caused pair closure", a peer silent past the timeout
             "Gloo",
             "NCCL",
             "Broken pipe",

@@ -6,8 +6,8 @@
     DTRAIN_FAULT="stop@train:step=3,rank=1"         SIGSTOP this rank (a hung peer)
     DTRAIN_FAULT="perturb@train:step=3,rank=1"      nudge one parameter on this rank (a silent divergence)
 
-Several faults are separated by ';'. A fault fires only in the first attempt of an elastic job
-(TORCHELASTIC_RESTART_COUNT=0), so the restarted workers run clean. Unset, this module does nothing.
+Several faults are separated by ';'. A fault fires only in a run that started from step 0: a worker that resumed
+(restarted by torchrun, or `--resume`) runs clean. Unset, this module does nothing.
 """
 
 from __future__ import annotations
@@ -46,9 +46,19 @@ def parse(spec: str) -> list[Fault]:
     return faults
 
 
+_armed = True
+
+
+def disarm() -> None:
+    """No fault fires in this process from now on: the trainer calls it when it resumes, so a restarted worker
+    runs clean, whatever restarted it (a failure, or a node leaving or joining an elastic job)."""
+    global _armed
+    _armed = False
+
+
 def _active() -> list[Fault]:
     spec = os.environ.get("DTRAIN_FAULT", "")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    if not spec or not _armed:
         return []
     return parse(spec)
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -49,13 +49,30 @@ def _jsonable(value: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written .tmp behind
+        raise
     os.replace(tmp, path)
 
 
 def _metrics_line(row: dict[str, Any]) -> str:
     """One row of metrics.jsonl (dtrain.metrics.read_metrics reads it back)."""
     return json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
+
+
+def _append_whole(handle: BinaryIO, data: bytes) -> None:
+    """Append `data` to an unbuffered file, or nothing of it: a write the disk cannot take (ENOSPC, a quota) is
+    cut back to where it started, so the file never ends in half a line."""
+    start = handle.seek(0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[handle.write(view) :]
+    except OSError:
+        handle.truncate(start)
+        raise
 
 
 class RunDir:
@@ -76,7 +93,7 @@ class RunDir:
         if not resume:
             for stale in (METRICS_FILE, SUMMARY_FILE, "model.pt"):
                 (self.path / stale).unlink(missing_ok=True)
-        self._metrics = open(self.path / METRICS_FILE, "a", buffering=1)
+        self._metrics = open(self.path / METRICS_FILE, "ab", buffering=0)
 
     def truncate_metrics_after(self, step: int) -> None:
         """On resume: drop rows logged after the checkpoint (and a last line cut short by the crash), so each step
@@ -88,11 +105,11 @@ class RunDir:
         kept = [row for row in read_metrics(self.path) if row.get(STEP, 0) <= step]
         path = self.path / METRICS_FILE
         path.write_text("".join(_metrics_line(row) for row in kept))
-        self._metrics = open(path, "a", buffering=1)
+        self._metrics = open(path, "ab", buffering=0)
 
     def log(self, row: dict[str, Any]) -> None:
         if self._metrics is not None:
-            self._metrics.write(_metrics_line(row))
+            _append_whole(self._metrics, _metrics_line(row).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.active:

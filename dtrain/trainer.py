@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import faults, metrics
-from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .checkpoint import Checkpointer, CheckpointNotSaved, rng_state, saved_by_this_job, set_rng_state
 from .compression import build_strategy, fp32_allreduce_bytes
 from .config import Config, ConfigError, check_world_size
 from .data import build_task
@@ -58,7 +57,7 @@ from .metrics import (
     step_statistics,
     wire_ratio,
 )
-from .model import build_model
+from .model import build_model, regularisation_loss
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision
 from .replicas import ReplicaMismatch, check_replicas
@@ -179,8 +178,12 @@ class Trainer:
                 ok, reason = False, str(err)
         if not all_ranks_agree(ok):
             raise ConfigError(reason if not ok else f"run directory {self.path} is not writable on rank 0")
-        # An elastic restart (torchrun --max-restarts) resumes by itself from the last good checkpoint.
-        self.resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        self.rundir = RunDir(self.path, env.is_main)
+        # A worker that torchrun restarted (after a failure, or a node leaving or joining an elastic job) resumes by
+        # itself from the last good checkpoint; rank 0 decides for all, so every rank resumes or none does.
+        self.resume = resume or run_on_main(lambda: saved_by_this_job(self.rundir.checkpoints))
+        if self.resume:
+            faults.disarm()  # an injected fault fires in the job's first start only
 
         # a resumed run rebuilds its task from the files it kept (the text task's tokenizer); one rank trains it
         self.task = build_task(cfg.data, self.path if self.resume else None, share=run_on_main)
@@ -195,7 +198,6 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.train, self.optimizer)
         self.precision = Precision(cfg.train.precision, env.device)
         self.engine = build_engine(cfg, self.model, fwd, self.optimizer, self.scheduler, S, self.precision)
-        self.rundir = RunDir(self.path, env.is_main)
         self.ckpt = Checkpointer(self.rundir.checkpoints, env.rank, S, keep=cfg.checkpoint.keep, warn=self.say)
         # dropout masks differ by rank (as in any data-parallel job); weights were drawn above
         torch.manual_seed(cfg.train.seed * 1_000_003 + env.rank + 1)
@@ -230,6 +232,24 @@ class Trainer:
         if self.env.is_main:
             write_json_atomic(self.path / "plan.json", plan)
 
+    def running_totals(self, start: int, restored: dict[str, float]) -> dict[str, float]:
+        """The sums the summary is made of, from step `start` on: those a checkpoint restored, zero otherwise."""
+        return {
+            "bytes": 0.0,
+            "wire": 0.0,
+            "control": 0.0,
+            "comm_s": 0.0,
+            "step_s": 0.0,
+            "data_s": 0.0,
+            "steps_timed": 0.0,
+            "skipped": 0.0,
+            # fp32 ring all-reduce's wire bytes, summed step by step: a job that re-formed at another world size
+            # compares with the reference at the world size of each step (a checkpoint from before this total: at
+            # this world size)
+            "allreduce_wire": self.allreduce_wire_bytes * start,
+            **restored,
+        }
+
     def _save(self, step: int, totals: dict[str, float]) -> None:
         local = {"strategy": self.strategy.state_dict(), "rng": rng_state(), "precision": self.precision.state_dict()}
         meta = {
@@ -237,7 +257,12 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "totals": totals,
         }
-        self.ckpt.save(step, self.model, self.optimizer, local, meta, self.engine)
+        try:
+            self.ckpt.save(step, self.model, self.optimizer, local, meta, self.engine)
+        except CheckpointNotSaved as err:
+            if self.cfg.checkpoint.on_error == "stop":
+                raise CheckpointNotSaved(f"{err} (checkpoint.on_error=stop)") from None
+            self.say(f"warning: {err}; training goes on (checkpoint.on_error=warn)")
 
     def _due(self, every: int, step: int) -> bool:
         return every > 0 and step % every == 0 and step < self.cfg.train.steps
@@ -249,17 +274,7 @@ class Trainer:
         self.rundir.open(cfg, resume=start > 0)
         if start > 0:
             self.rundir.truncate_metrics_after(start)
-        totals = {
-            "bytes": 0.0,
-            "wire": 0.0,
-            "control": 0.0,
-            "comm_s": 0.0,
-            "step_s": 0.0,
-            "data_s": 0.0,
-            "steps_timed": 0.0,
-            "skipped": 0.0,
-            **totals,
-        }
+        totals = self.running_totals(start, totals)
         tracker = Tracker(cfg.log.wandb, self.path, cfg.log.project, self.path.name, cfg.to_dict(), env.is_main)
         if start == 0:
             self.say(
@@ -387,7 +402,9 @@ class Trainer:
                     examples = self.local_batch if len(micro) > 1 else None
                     loss = loss_fn(logits, mb.targets, task.spec.targets_per_example, examples)
                 loss = faults.corrupt_loss(loss, step + 1, env.rank)
-                self.engine.backward(loss)  # the engine scales it (fp16)
+                # the model's own regulariser (fpsa.jac_reg) joins the gradient but not the logged loss
+                extra = regularisation_loss(self.model)
+                self.engine.backward(loss if extra is None else loss + extra)  # the engine scales it (fp16)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         assert loss_sum is not None
         stats = self.strategy.synchronize()
@@ -440,6 +457,7 @@ class Trainer:
         step_s = time.perf_counter() - t0
         totals["bytes"] += stats.bytes_sent
         totals["wire"] += stats.wire_bytes
+        totals["allreduce_wire"] += self.allreduce_wire_bytes
         totals["comm_s"] += stats.time_s
         totals["step_s"] += step_s
         totals["data_s"] += data_s
@@ -483,6 +501,7 @@ class Trainer:
         timed = max(totals["steps_timed"], 1)
         per_step = totals["bytes"] / steps
         wire_per_step = totals["wire"] / steps
+        allreduce_wire_per_step = totals["allreduce_wire"] / steps
         payload_ratio = self.allreduce_bytes / per_step if per_step else float("inf")
         summary: dict[str, Any] = {
             metrics.PARAMS: self.params,
@@ -505,8 +524,8 @@ class Trainer:
             metrics.COMM_ALLREDUCE_BYTES_PER_STEP: self.allreduce_bytes,
             metrics.COMPRESSION_RATIO: payload_ratio,
             metrics.COMM_PAYLOAD_RATIO: payload_ratio,
-            metrics.COMM_ALLREDUCE_WIRE_BYTES_PER_STEP: self.allreduce_wire_bytes,
-            metrics.COMM_WIRE_RATIO: wire_ratio(self.allreduce_wire_bytes, wire_per_step),
+            metrics.COMM_ALLREDUCE_WIRE_BYTES_PER_STEP: allreduce_wire_per_step,
+            metrics.COMM_WIRE_RATIO: wire_ratio(allreduce_wire_per_step, wire_per_step),
             metrics.COMM_CONTROL_BYTES_PER_STEP: totals["control"] / steps,
             metrics.COMM_TIME_PER_STEP_S: totals["comm_s"] / timed,
             metrics.TIME_STEP_S_MEAN: totals["step_s"] / timed,

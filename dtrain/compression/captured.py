@@ -68,8 +68,9 @@ class Plan(Protocol):
         self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int
     ) -> dict[str, Any]: ...
 
-    def end_step(self) -> None:
-        """Called once after every synchronised step, after the codecs' own `end_step`."""
+    def end_step(self, layers: list[LayerStep]) -> None:
+        """Called once after every synchronised step, after the codecs' own `end_step`, with the layers the step
+        synchronised through codecs (launched during backward or by `apply`)."""
 
 
 class CapturedStrategy(Strategy):
@@ -84,6 +85,7 @@ class CapturedStrategy(Strategy):
         self.rest_sync: BucketedMean | HalfPrecisionRest | None = None
         self.scheduler = LayerScheduler(name, self.comm, lambda: self.captures, self._launch, self._overlapping)
         self._accumulating = False
+        self._synced: list[LayerStep] = []  # the layers the current step synchronised, whichever path launched them
 
     @property
     def captures(self) -> list[LinearCapture]:
@@ -147,6 +149,7 @@ class CapturedStrategy(Strategy):
         return self.plan.codec(layer.capture.name).launch(layer, self.comm)
 
     def _finish(self, pending: Pending) -> None:
+        self._synced.append(pending.layer)
         grad = self.plan.codec(pending.layer.capture.name).finish(pending, self.comm)
         self._set_weight_grad(pending.layer, grad)
 
@@ -154,6 +157,7 @@ class CapturedStrategy(Strategy):
     def synchronize(self) -> CommStats:
         if self.rest_sync is None:
             raise RuntimeError(f"{self.name}: synchronize() before attach()")
+        self._synced = []
         if self._overlapping():
             self.scheduler.finish_round(self._finish)
         else:
@@ -164,7 +168,7 @@ class CapturedStrategy(Strategy):
         self.rest_sync(self.comm)
         for codec in self.plan.codecs():
             codec.end_step()
-        self.plan.end_step()
+        self.plan.end_step(self._synced)
         return self.comm.reset()
 
     def fixed_wire_bytes(self) -> float:

@@ -104,7 +104,7 @@ class FixedPlan:
     def apply(self, layers: list[LayerStep]) -> list[LayerStep]:
         return layers
 
-    def end_step(self) -> None:
+    def end_step(self, layers: list[LayerStep]) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class CostModelPlan:
                 plan[c.name]["seconds"] = seconds
         return plan
 
-    def end_step(self) -> None:
+    def end_step(self, layers: list[LayerStep]) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
@@ -242,7 +242,7 @@ class BudgetPlan:
         self.budget = options.budget_bytes
         if self.budget is None:
             self.budget = link_bytes_per_s(options.link_rate) * options.budget_ms / 1e3
-        self._rows: dict[str, int] = {}  # the latest step's rows per layer (max over ranks)
+        self._rows: dict[str, int] = {}  # the latest synchronised step's rows per layer (max over ranks)
         self.history: list[dict[str, Any]] = []
 
     @property
@@ -295,18 +295,26 @@ class BudgetPlan:
             self._allocate()
         return layers
 
-    def end_step(self) -> None:
-        """After the codec's own `end_step`: its step counter (checkpointed) says when to re-plan."""
+    def end_step(self, layers: list[LayerStep]) -> None:
+        """After the codec's own `end_step`: its step counter (checkpointed) says when to re-plan, from this step's
+        rows (`apply` does not see them when the layers were launched during backward)."""
+        self._rows = {layer.capture.name: max(layer.rows) for layer in layers} or self._rows
         if self.allocated and self._codec.memory.step % self.options.replan_every == 0:  # type: ignore[attr-defined]
             self._allocate()
 
     def state_dict(self) -> dict[str, Any]:
-        """The ranks and the spectra they are re-planned from, so a resumed run re-plans as an uninterrupted one."""
-        return {"budget_ranks": dict(self._ranks.per_layer) or None, "budget_spectra": dict(self._ranks.spectra)}
+        """The ranks and the spectra they are re-planned from, so a resumed run re-plans as an uninterrupted one,
+        and the plans made so far (plan.json's history)."""
+        return {
+            "budget_ranks": dict(self._ranks.per_layer) or None,
+            "budget_spectra": dict(self._ranks.spectra),
+            "budget_history": list(self.history),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ranks.per_layer = dict(state["budget_ranks"] or {})
         self._ranks.spectra = dict(state["budget_spectra"])
+        self.history = list(state["budget_history"])
 
     def describe(
         self, strategy: str, captures: Sequence[LinearCapture], rest: Sequence[str], world_size: int

@@ -84,8 +84,12 @@ def allocate(
             return layer.k_max
         return min(layer.k_max, 2 * previous[layer.name] + 1)
 
+    # a rank that puts no bytes on a wire (world size 1: there is no link) is free: the layer takes its cap
+    for c in layers:
+        if c.bytes_per_rank <= 0:
+            ranks[c.name] = cap(c)
     # max-heap of (energy per byte of the next rank); ties broken by name, so every rank decides alike
-    heap = [(-gain(c, 2) / c.bytes_per_rank, c.name, c) for c in layers if cap(c) > 1]
+    heap = [(-gain(c, 2) / c.bytes_per_rank, c.name, c) for c in layers if cap(c) > 1 and c.bytes_per_rank > 0]
     heapq.heapify(heap)
     while heap:
         _, name, layer = heapq.heappop(heap)

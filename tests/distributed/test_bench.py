@@ -133,3 +133,15 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     world1 = [n for n in names if n.startswith("trainer ") and n.endswith(", world size 1") and "bf16" not in n]
     assert world1 == [f"trainer {s}, world size 1" for s in STRATEGY_NAMES]
     assert "dad = allreduce, 2 ranks" in names and "rankdad-full-rank = allreduce, 2 ranks" in names
+
+
+@pytest.mark.slow
+def test_soak_short_run_stays_flat(tmp_path):
+    """A short bench.soak (docs/reliability.md has the 5,000-step one): memory and descriptors flat after
+    warm-up, the checkpoint directory within checkpoint.keep, metrics.jsonl linear in the steps."""
+    proc = _run_module("soak", ["--steps", "600", "--every", "1", "--out", str(tmp_path)], timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads((tmp_path / "soak.json").read_text())["figures"]
+    assert figures["rss"]["met"] and figures["fds"]["met"], figures
+    assert figures["max_checkpoints"] <= 2 + 1  # checkpoint.keep, and the one being written
+    assert figures["metrics_lines_per_step_deviation"] < 0.05

@@ -180,3 +180,19 @@ def test_link_down_fails_within_the_timeout_naming_the_unreachable_rank(tmp_path
         for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
         if ns.startswith("dtfl-")
     ], "namespaces torn down"
+
+
+def test_sigkill_mid_step_with_a_rank_budget_resumes_to_the_same_model(tmp_path: Path):
+    """rank-dAD's per-layer ranks from a byte budget, re-planned every 2 steps from the measured spectra: the plan,
+    its schedule and the spectra it re-plans from are checkpointed, so a restarted job plans as the uninterrupted
+    one did and ends with the same model."""
+    budget = ("comm.strategy=rankdad", "comm.budget_bytes=6000", "comm.replan_every=2", "comm.spectrum_every=1")
+    reference = tmp_path / "uninterrupted"
+    train(reference, *budget, nproc=2)
+    run = tmp_path / "killed"
+    proc = train(run, *budget, nproc=2, torchrun_args=("--max-restarts=1",), extra_env=KILL_MID_STEP)
+    assert "resumed from" in proc.stderr
+    plans = [json.loads((r / "plan.json").read_text())["budget"]["history"] for r in (reference, run)]
+    assert len(plans[0]) >= 2, "the ranks were re-planned during the run"
+    assert plans[0] == plans[1]
+    assert max_rel_diff(model_state(reference), model_state(run)) == 0.0

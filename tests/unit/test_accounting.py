@@ -38,6 +38,9 @@ def test_wire_ratio_against_ring_all_reduce_at_the_same_world_size():
     assert describe_wire_ratio(12.34, 4) == "12.3x fewer wire bytes than fp32 ring all-reduce at world size 4"
     assert describe_wire_ratio(1.02, 2) == "as many wire bytes as fp32 ring all-reduce at world size 2"
     assert describe_wire_ratio(0.5, 2) == "2.0x MORE wire bytes than fp32 ring all-reduce at world size 2"
+    # a job that re-formed at world size 1 after steps at 2: the reference has no wire bytes, the run had some
+    assert wire_ratio(0.0, 10.0) == 0.0
+    assert describe_wire_ratio(0.0, 1) == "wire bytes where fp32 ring all-reduce at world size 1 has none"
     assert "world size 1" in describe_wire_ratio(None, 1)
 
 

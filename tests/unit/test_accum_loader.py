@@ -114,7 +114,7 @@ def test_the_trainer_reads_the_host_once_per_step(tmp_path: Path):
     )
     trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
     trainer.loader = TrainLoader(trainer.task, 8, 1, 0, start=0, stop=3, workers=0)
-    totals = {k: 0.0 for k in ("bytes", "wire", "control", "comm_s", "step_s", "data_s", "steps_timed", "skipped")}
+    totals = trainer.running_totals(0, {})
     try:
         for step in range(3):
             with count_syncs() as syncs:

@@ -46,3 +46,26 @@ def test_engine_owned_state_is_in_the_manifest_and_its_format_is_checked(tmp_pat
         Checkpointer(tmp_path, rank=0, world_size=2).load(path, model, opt, engine=engine)
     (path / "fake" / "part" / "optim.bin").write_bytes(b"partitioN")  # a nested file is covered too
     assert verify(path) == "fake/part/optim.bin checksum mismatch"
+
+
+def test_a_torchrun_worker_resumes_only_from_its_own_jobs_checkpoints(tmp_path: Path, monkeypatch):
+    """The job id in meta.json decides whether a worker under torchrun is a restarted one (torchrun's restart count
+    cannot: a node joining or leaving an elastic job does not advance it)."""
+    from dtrain.checkpoint import META_FILE, saved_by_this_job
+
+    def checkpoint(step: int, meta: str) -> None:
+        path = tmp_path / f"step_{step:08d}"
+        path.mkdir()
+        (path / META_FILE).write_text(meta)
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert not saved_by_this_job(tmp_path / "missing")
+    checkpoint(10, json.dumps({"step": 10, "job": "job-a"}))
+    assert not saved_by_this_job(tmp_path), "outside torchrun a run resumes only when asked to (--resume)"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
+    assert not saved_by_this_job(tmp_path), "another job's checkpoint: a fresh start"
+    checkpoint(20, "{ cut short")  # a damaged meta.json says nothing about who wrote it
+    (tmp_path / "step_00000030").mkdir()  # nor does a missing one
+    assert not saved_by_this_job(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    assert saved_by_this_job(tmp_path)

@@ -38,6 +38,14 @@ def test_a_layer_at_most_doubles_its_rank_per_replan():
     assert ranks["b"] <= 5
 
 
+def test_a_rank_that_puts_nothing_on_a_wire_is_free():
+    """World size 1 (a job that re-formed on one node): no factor crosses a link, so every layer takes its cap."""
+    layers = [LayerCost("a", 16, 0.0), LayerCost("b", 2, 0.0)]
+    spectra = {"a": torch.tensor([3.0, 2.0, 1.0]), "b": torch.tensor([1.0])}
+    assert allocate(layers, 100, spectra) == {"a": 16, "b": 2}
+    assert allocate(layers, 100, spectra, previous={"a": 3, "b": 1}) == {"a": 7, "b": 2}  # growth still bounded
+
+
 def test_a_resumed_budget_plan_keeps_its_ranks_and_the_spectra_it_replans_from():
     from dtrain.compression.codecs.factors import FactorsCodec
     from dtrain.compression.plan import BudgetPlan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,56 @@ def test_cache_is_built_once_and_keyed_by_the_files(tmp_path, monkeypatch):
     path.write_text(path.read_text() + "\n\nA new paragraph about the tall tree.\n")
     changed = build_task(cfg)
     assert changed.directory != first.directory
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_truncate, r"train_tokens\.npy has \d+ bytes, expected \d+"),
+        (_flip_one_byte, r"train_tokens\.npy checksum mismatch"),
+        (lambda path: (path.parent / "manifest.json").unlink(), r"no manifest\.json"),
+    ],
+    ids=["truncated", "corrupted", "no-manifest"],
+)
+def test_a_damaged_cache_entry_is_rebuilt_with_one_line(tmp_path, capsys, damage, reason):
+    cfg = text_cfg(tmp_path)
+    first = build_task(cfg)
+    expected = first.batch("train", 0, 8).tokens
+    damage(first.directory / "train_tokens.npy")
+    capsys.readouterr()
+    again = build_task(cfg)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "is damaged" in line]
+    assert len(lines) == 1 and re.search(r"the cache entry .* is damaged \(" + reason + r"\); rebuilding it", lines[0])
+    assert again.directory == first.directory and torch.equal(again.batch("train", 0, 8).tokens, expected)
+
+
+def test_a_different_tokenizer_on_resume_is_refused_in_one_line(tmp_path):
+    cfg = text_cfg(tmp_path)
+    started = build_task(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / TOKENIZER_FILE).write_text(started.tokenizer_json)
+    (tmp_path / "same.json").write_text(started.tokenizer_json)
+    assert build_task(text_cfg(tmp_path, f"data.tokenizer={tmp_path / 'same.json'}"), run).tokenizer_json == (
+        started.tokenizer_json
+    )
+    other = tokenizer_mod.train_tokenizer(["the cat sees a red ball"] * 20, "wordpiece", 80)
+    other.save(str(tmp_path / "other.json"))
+    with pytest.raises(
+        DataError, match=r"data\.tokenizer .*other\.json is not the tokenizer this run started with"
+    ) as err:
+        build_task(text_cfg(tmp_path, f"data.tokenizer={tmp_path / 'other.json'}"), run)
+    assert "\n" not in str(err.value)
 
 
 def test_a_resumed_run_reuses_the_tokenizer_of_its_run_directory(tmp_path):

@@ -198,6 +198,19 @@ def _trained_tokenizer(cfg: DataConfig, source, fingerprint: dict[str, Any], run
     return cache.text_entry(path, train)
 
 
+def _check_same_tokenizer(tokenizer_json: str, run_dir: Path | None, where: str) -> None:
+    """A resumed run encodes with the tokenizer it started with: its model's embeddings are rows of that
+    vocabulary, so another tokenizer would train on silently wrong ids."""
+    kept = run_dir / TOKENIZER_FILE if run_dir is not None else None
+    if kept is None or not kept.is_file():
+        return
+    if digest(load_tokenizer_json(str(kept))) != digest(tokenizer_json):
+        raise DataError(
+            f"{where} is not the tokenizer this run started with ({kept}); resume with that tokenizer "
+            "(data.tokenizer unset reuses it) or start a new run directory"
+        )
+
+
 def build_text_task(cfg: DataConfig, run_dir: Path | None, share) -> TextTask:
     """The text task of `cfg`: `run_dir` is a resumed run's directory (its tokenizer is reused); `share(fn)` runs
     `fn` on rank 0 and gives its result to every rank."""
@@ -206,6 +219,7 @@ def build_text_task(cfg: DataConfig, run_dir: Path | None, share) -> TextTask:
     fingerprint = source.fingerprint()
     if cfg.tokenizer is not None:
         tokenizer_json, where = load_tokenizer_json(cfg.tokenizer), f"data.tokenizer {cfg.tokenizer}"
+        _check_same_tokenizer(tokenizer_json, run_dir, where)
     else:
         tokenizer_json = share(lambda: _trained_tokenizer(cfg, source, fingerprint, run_dir))
         where = "the trained tokenizer"
