@@ -11,7 +11,7 @@ import torch
 
 from dtrain.config import DataConfig
 from dtrain.data import build_task
-from dtrain.data.digits import CUTS, DIFFICULTY_BUCKETS, VAL_FRACTION, Digits, load_images, tokenize
+from dtrain.data.digits import CUTS, DIFFICULTY_BUCKETS, VAL_FRACTION, Digits, load_images, shifted, tokenize
 
 N_IMAGES = 1797
 
@@ -128,6 +128,39 @@ def test_every_pass_visits_every_training_image_in_a_new_order():
     assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(n))
     assert not np.array_equal(first, second)
     assert not torch.equal(t.batch("train", 0, n).tokens, t.batch("train", n, n).tokens)
+
+
+def test_shifted_copies_move_each_image_by_every_offset_with_zero_fill():
+    images = load_images()[0][:5]
+    copies = shifted(images, 1).reshape(9, 5, 8, 8)
+    assert np.array_equal(copies[0], images), "the unmoved images come first"
+    seen = set()
+    for moved in copies[1:]:
+        # which (dy, dx) this copy is: the one whose zero-filled move of the images it equals
+        offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if np.array_equal(moved, _move(images, dy, dx))]
+        assert len(offsets) >= 1
+        seen.add(offsets[0])
+    assert seen == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)} - {(0, 0)}
+
+
+def _move(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Pixel (y, x) goes to (y + dy, x + dx); what comes in from the border is 0."""
+    out = np.zeros_like(images)
+    for y in range(8):
+        for x in range(8):
+            if 0 <= y + dy < 8 and 0 <= x + dx < 8:
+                out[:, y + dy, x + dx] = images[:, y, x]
+    return out
+
+
+def test_shift_adds_moved_training_copies_and_leaves_validation_alone():
+    plain, augmented = make(), make(shift=1)
+    assert len(augmented.train) == 9 * len(plain.train)
+    assert np.array_equal(augmented.train_rows, plain.train_rows)
+    assert torch.equal(augmented.batch("val", 0, plain.n_val).tokens, plain.batch("val", 0, plain.n_val).tokens)
+    # the first copy is the unmoved training split, with its labels
+    assert np.array_equal(augmented.train.tokens[: len(plain.train)], plain.train.tokens)
+    assert np.array_equal(augmented.train.targets, np.tile(plain.train.targets, 9))
 
 
 def test_difficulty_buckets_are_training_quintiles_of_atypicality():
