@@ -18,6 +18,7 @@ from tests.helpers.ranks import run_ranks
 
 FLAGS = 24  # the per-step all-reduce: float64 (loss, non-finite flag, non-finite loss flag)
 AGREE = 4  # the start-up all_ranks_agree (int32)
+RESUME = 8 + len(pickle.dumps(("ok", False)))  # rank 0's answer to "is this a restarted worker?" (run_on_main)
 
 
 def _counted_gather(rank: int, world: int) -> dict:
@@ -55,13 +56,17 @@ def test_training_rows_carry_the_control_bytes_of_their_step(tmp_path: Path):
     rows = [r for r in metrics(run) if metric.TRAIN_LOSS in r]
     control = {r[metric.STEP]: r[metric.COMM_CONTROL_BYTES] for r in rows}
     replicas = 2 * 8 * _param_tensors()  # MAX and MIN of one int64 checksum per parameter
-    assert control[1] == AGREE + FLAGS
-    assert control[2] == control[4] == FLAGS + replicas
-    assert control[5] == FLAGS  # the step-3 checkpoint's barriers carry no payload
+    assert control[1] == AGREE + RESUME + FLAGS
+    assert control[2] == FLAGS + replicas
+    # the step-3 checkpoint is charged to the next row: every rank agrees after each of its three phases
+    # (prepare, write, publish: one all_ranks_agree each)
+    assert control[4] == FLAGS + replicas + 3 * AGREE
+    assert control[5] == FLAGS
     assert control[3] > FLAGS + 24 + 8  # evaluation: 3 float64 sums, the pickled sizes, the per-example rows
     assert control[6] > FLAGS + replicas + 24 + 8
     s = summary(run)
-    assert s[metric.COMM_CONTROL_BYTES_PER_STEP] == pytest.approx(sum(control.values()) / 6)
+    # the final checkpoint's three agreements come after the last row: in the summary's total, in no row
+    assert s[metric.COMM_CONTROL_BYTES_PER_STEP] == pytest.approx((sum(control.values()) + 3 * AGREE) / 6)
 
 
 @pytest.mark.parametrize("strategy, world", [("allreduce", 2), ("rankdad", 2), ("rankdad", 1)])

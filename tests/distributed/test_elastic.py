@@ -66,7 +66,7 @@ def scale_up(run_dir: Path, strategy: str) -> str:
     return job.output()
 
 
-@pytest.mark.parametrize("strategy", ["dad", pytest.param("allreduce", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", ["dad", *(pytest.param(s, marks=pytest.mark.slow) for s in ("allreduce", "ddp"))])
 def test_a_node_lost_for_good_leaves_the_model_unchanged(tmp_path: Path, uninterrupted, strategy: str):
     run = tmp_path / "run"
     out = scale_down(run, strategy)
