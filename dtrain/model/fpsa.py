@@ -190,32 +190,20 @@ class FixedPointLoop(nn.Module):
         differentiable = torch.is_grad_enabled()
         schedule = self.solve_schedules[self.training]
 
+        def fixed_point(maps, x0: torch.Tensor, v0: torch.Tensor):
+            """The solve from x0 with the attention maps `maps` (live: differentiable; frozen: detached)."""
+
+            def step(z: torch.Tensor) -> torch.Tensor:
+                return self.step(maps, z, x0, v0, bias)
+
+            return solve(step, x0, real, cfg.tol, cfg.max_iter, schedule, cfg.damping, cfg.anderson_memory)
+
         if differentiable and cfg.backward == "bptt":
-            live = self._live_maps(weights, scale)
-            z, self.last_solve = solve(
-                lambda z: self.step(live, z, x, v, bias),
-                x,
-                real,
-                cfg.tol,
-                cfg.max_iter,
-                schedule,
-                cfg.damping,
-                cfg.anderson_memory,
-            )
+            z, self.last_solve = fixed_point(self._live_maps(weights, scale), x, v)
         else:
             frozen = self._frozen_maps(weights, scale)
-            x_const, v_const = x.detach(), v.detach()
             with torch.no_grad():
-                z, self.last_solve = solve(
-                    lambda z: self.step(frozen, z, x_const, v_const, bias),
-                    x_const,
-                    real,
-                    cfg.tol,
-                    cfg.max_iter,
-                    schedule,
-                    cfg.damping,
-                    cfg.anderson_memory,
-                )
+                z, self.last_solve = fixed_point(frozen, x.detach(), v.detach())
             if differentiable:
                 z = self._gradient_path(z, x, v, bias, self._live_maps(weights, scale), frozen)
         self.jac_penalty = None
