@@ -20,6 +20,13 @@ through the same backward but must not contribute to the weight gradient, and so
 If the weight also receives an ordinary gradient through another path (F.linear(x, layer.weight)
 elsewhere, weight tying), autograd accumulates that part into weight.grad as usual and
 `LinearCapture.dense_grad_arrived` says so, so the strategy can add it (all-reduced) to stay exact.
+
+Second derivatives (a loss that contains a vector-Jacobian product made with create_graph, such as FPSA's
+Jacobian penalty) stay in the same form: the input gradient Δ W of a captured call is then itself a captured
+call, whose weight gradient gᵀ ∂L/∂y is recorded as rows (A = ∂L/∂y, Δ = g) when the outer backward runs.
+A call whose output the loss does not depend on in the end (the penalty's last projection: only its
+transposed product enters the penalty) never delivers its Δ; its layer's `pending` then stays above 0 and an
+overlapping strategy launches it after backward.
 """
 
 from __future__ import annotations
@@ -142,7 +149,11 @@ class CapturedLinearFn(torch.autograd.Function):
     """F.linear whose backward records (A, Δ) and returns no weight gradient.
 
     Under autocast it computes what autocast's F.linear computes: input, weight and bias cast to the autocast
-    dtype, the product in that dtype. It then records A and Δ in that dtype too (16-bit rows on the wire)."""
+    dtype, the product in that dtype. It then records A and Δ in that dtype too (16-bit rows on the wire).
+
+    Twice differentiable: under create_graph (a Jacobian penalty differentiates a vector-Jacobian product) the
+    input gradient Δ W is itself a captured call, `CapturedTransposedFn`, so the weight's share of the second
+    derivative also arrives as recorded rows, never as a dense gradient."""
 
     @staticmethod
     def forward(
@@ -163,11 +174,15 @@ class CapturedLinearFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         capture: LinearCapture = ctx.capture
-        grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph: the product must stay differentiable in the weight
+                grad_x = _captured_call(CapturedTransposedFn, grad_out, weight, capture, capture.out_features)
+            else:
+                grad_x = grad_out.matmul(weight.to(grad_out.dtype))
         grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
@@ -176,11 +191,40 @@ class CapturedLinearFn(torch.autograd.Function):
         return grad_x, None, grad_b, None
 
 
+class CapturedTransposedFn(torch.autograd.Function):
+    """y = g W (g: [..., out], y: [..., in]), the input gradient of a captured call, as a captured call of its own:
+    ∂L/∂W = gᵀ (∂L/∂y), so its backward records A = ∂L/∂y, Δ = g (the same Δᵀ A form) and returns no weight
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, weight: torch.Tensor, capture: LinearCapture) -> torch.Tensor:
+        ctx.save_for_backward(g, weight)
+        ctx.capture = capture
+        ctx.weight_node = get_gradient_edge(weight).node
+        return g.matmul(weight.to(g.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        g, weight = ctx.saved_tensors
+        grad_g = grad_y.matmul(weight.to(grad_y.dtype).T) if ctx.needs_input_grad[0] else None
+        if torch._C._will_engine_execute_node(ctx.weight_node):
+            ctx.capture.record(grad_y.reshape(-1, grad_y.shape[-1]), g.reshape(-1, g.shape[-1]))
+        return grad_g, None, None
+
+
+def _captured_call(
+    fn: type[torch.autograd.Function], x: torch.Tensor, weight: torch.Tensor, capture: LinearCapture, width: int, *rest
+) -> torch.Tensor:
+    """`fn` applied to x (rows of `width` features) as one grad-enabled call of `capture` (its Δ is now pending)."""
+    capture.called(x.numel() // width if width else 0)
+    return fn.apply(x, weight, *rest, capture)
+
+
 def _captured_forward(module: nn.Linear, capture: LinearCapture) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and module.weight.requires_grad:
-            capture.called(x.numel() // capture.in_features if capture.in_features else 0)
-            return CapturedLinearFn.apply(x, module.weight, module.bias, capture)
+            return _captured_call(CapturedLinearFn, x, module.weight, capture, capture.in_features, module.bias)
         return F.linear(x, module.weight, module.bias)
 
     return forward

@@ -22,7 +22,8 @@ input rows A and output-gradient rows Δ of every differentiable call, then rebu
 - every differentiable use of q, k, v, o goes through the module call (`self.q(z)`), so it is recorded;
 - the no-grad solve and the adjoint's Jᵀλ products use F.linear on DETACHED weights, so the strategy sees no
   call that is not part of the parameter gradient. In implicit mode each of q, k, v, o is called exactly once
-  with grad per forward.
+  with grad per forward, plus (fpsa.jac_reg > 0, training) once more for q, k, o in the Jacobian penalty, whose
+  second derivative the capture records as rows too.
 With fpsa.spectral_norm, W_Q, W_K, W_O are divided by their largest singular value (spectral.py, once per
 forward) and applied with F.linear on the normalised weight: those three then get plain autograd gradients and
 their modules are never called; v is still called as a module.
@@ -139,13 +140,6 @@ class FixedPointLoop(nn.Module):
         }
         return _LoopMaps(**fns, scale=scale.detach() if isinstance(scale, torch.Tensor) else scale)
 
-    def _functional_maps(self, weights: dict[str, torch.Tensor], scale: torch.Tensor | float) -> _LoopMaps:
-        """The maps with parameter gradients through plain autograd (F.linear, no module call): for the Jacobian
-        penalty, whose gradient is a double backward; a capturing strategy then sees it as a dense gradient on
-        the weight (as with spectral norm), not as recorded Linear calls."""
-        fns = {name: partial(F.linear, weight=weights[name], bias=self.projection(name).bias) for name in weights}
-        return _LoopMaps(**fns, scale=scale)
-
     def update(self, maps: _LoopMaps, z: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """U(z) = W_O concat_h softmax(Q_h K_hᵀ scale) V_h; v is [B, H, L, d_h]."""
         q, k = split_heads(maps.q(z), self.n_heads), split_heads(maps.k(z), self.n_heads)
@@ -171,9 +165,11 @@ class FixedPointLoop(nn.Module):
     ) -> torch.Tensor:
         """Hutchinson estimate of ‖K‖²_F / (real tokens x d_model) at Z*, K = ∂U/∂Z the Jacobian of the undamped
         map (the damping only shifts J = (1 - α) I + α K): E‖εᵀK‖² = ‖K‖²_F for ε ~ N(0, I), one sample per
-        forward. Differentiable in the parameters and V (create_graph), as in Bai et al. 2021."""
+        forward. Differentiable in the parameters and V (create_graph), as in Bai et al. 2021. Through the live
+        maps: a capturing strategy records the penalty's weight gradient as rows of q, k and o (capture.py, second
+        derivatives), so rank-dAD compresses it with the rest of the layer's gradient."""
         z = z_star.detach().requires_grad_()
-        u = self.update(self._functional_maps(weights, scale), z, v, bias)
+        u = self.update(self._live_maps(weights, scale), z, v, bias)
         eps = torch.randn_like(z) * real[..., None].to(z.dtype)
         (eps_k,) = torch.autograd.grad(u, z, eps, create_graph=True)
         return eps_k.pow(2).sum() / (real.sum() * z.shape[-1]).clamp_min(1)

@@ -4,6 +4,7 @@ gradient against finite differences, and when there is a penalty at all."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dtrain.config import Config
 from dtrain.data import TaskSpec
@@ -116,3 +117,26 @@ def test_there_is_a_penalty_only_in_training_with_jac_reg():
     with torch.no_grad():
         model(tokens, mask)
     assert regularisation_loss(model) is None
+
+
+def test_a_capturing_strategy_gets_the_penalty_gradient_as_rows():
+    """dAD's capture (compression/capture.py) on a model trained with the penalty: the recorded rows of q, k, o,
+    v give loss + penalty's exact weight gradient (the penalty's second derivative included), and no weight gets
+    a dense gradient, so rank-dAD compresses the penalty's share with the rest instead of all-reducing it."""
+    from dtrain.compression.capture import attach_linears
+
+    tokens, mask = _inputs()
+    labels = torch.tensor([1, 3])
+    captured, plain = _model(jac_reg=3.0), _model(jac_reg=3.0)
+    attn = captured.blocks[0].attn
+    captures = {c.name: c for c in attach_linears(captured)}
+    for model in (captured, plain):
+        torch.manual_seed(7)  # the same Hutchinson probe
+        logits = model(tokens, mask)
+        (F.cross_entropy(logits, labels) + regularisation_loss(model)).backward()
+    for name in ("q", "k", "v", "o"):
+        capture = captures[f"blocks.0.attn.{name}"]
+        assert not capture.dense_grad_arrived and getattr(attn, name).weight.grad is None, name
+        a, delta = capture.take()
+        expected = getattr(plain.blocks[0].attn, name).weight.grad
+        torch.testing.assert_close(delta.T @ a, expected, rtol=1e-9, atol=1e-12)
