@@ -1,12 +1,15 @@
 """FPSA iterations per token against per-token difficulty at a fixed sequence length (issue 16, Build 4).
 
-Loads an FPSA run directory on S5 or A5 (config.yaml, model.pt), evaluates the held-out split and records, for
-every real token, the iterations the solver gave it (mean over layers) and its difficulty: the number of
-non-identity tokens up to and including its position (the state changes the prefix product has been through;
-token 0 is the identity in dtrain/data/groups.py). Every sequence has data.seq_len tokens, so length plays no
-part. Difficulty grows with position, so besides the plain least-squares slope of iterations on difficulty the
-table gives the slope with position as a second regressor. 95% intervals come from a bootstrap over examples
-(tokens of one sequence are not independent), `--boot` resamples.
+Loads an FPSA run directory (config.yaml, model.pt) on a task with a per-token difficulty (s5, a5, parity,
+listops), evaluates the held-out split and records, for every real token, the iterations the solver gave it
+(`model.token_iterations()`: mean over layers) and its difficulty, `task.token_difficulty` (dtrain/data): on S5
+and A5 the number of non-identity tokens up to and including its position (the state changes the prefix
+product has been through), on parity the ones so far, on ListOps the nesting depth. It is the definition the
+trainer's evaluation uses for fpsa/iters_by_token_difficulty and val/fpsa_token_iters_slope, whose slope is the
+first row's point estimate here. Every sequence has data.seq_len tokens, so length plays no part. Difficulty
+grows with position, so besides the plain least-squares slope of iterations on difficulty the table gives the
+slope with position as a second regressor. 95% intervals come from a bootstrap over examples (tokens of one
+sequence are not independent), `--boot` resamples.
 
     .venv/bin/python -m bench.fpsa_adaptivity runs/quickstart/allreduce --docs docs/benchmarks.md
 """
@@ -24,15 +27,14 @@ from dtrain.data import build_task
 from dtrain.model import build_model
 
 SECTION = "## FPSA iterations vs per-token difficulty (issue 16)"
-IDENTITY = 0  # the identity token of the s5 and a5 tasks
 
 
 def token_rows(run: Path, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per real held-out token: iterations (mean over layers), difficulty, position, and its example's index."""
     cfg = load_config(run / "config.yaml")
-    if cfg.data.task not in ("s5", "a5") or cfg.model.attention != "fpsa":
-        sys.exit(f"fpsa_adaptivity: {run} is not an FPSA run on s5 or a5")
-    task = build_task(cfg.data)
+    task = build_task(cfg.data, run)
+    if cfg.model.attention != "fpsa" or task.token_difficulty(task.batch("val", 0, 1).tokens) is None:
+        sys.exit(f"fpsa_adaptivity: {run} is not an FPSA run on a task with a per-token difficulty")
     model = build_model(cfg, task.spec)
     model.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
@@ -41,8 +43,8 @@ def token_rows(run: Path, batch_size: int = 256) -> tuple[torch.Tensor, torch.Te
         for lo in range(0, task.n_val, batch_size):
             b = task.batch("val", lo, min(batch_size, task.n_val - lo))
             model(b.tokens, b.mask)
-            iters = torch.stack([layer.last_solve.token_iters for layer in model.fpsa_layers()]).double().mean(0)
-            difficulty = (b.tokens != IDENTITY).cumsum(dim=1).double()
+            iters = model.token_iterations()
+            difficulty = task.token_difficulty(b.tokens).double()
             position = torch.arange(b.tokens.shape[1], dtype=torch.float64).expand_as(iters)
             example = (lo + torch.arange(len(b.tokens), dtype=torch.float64))[:, None].expand_as(iters)
             real = b.mask if b.mask is not None else torch.ones_like(iters, dtype=torch.bool)

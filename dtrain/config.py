@@ -82,6 +82,11 @@ class ModelConfig(_Section):
     learned_temperature: bool = Field(
         False, description="FPSA only: a learned per-head temperature. ADDS n_heads parameters per layer."
     )
+    positions: Literal["learned", "sinusoidal"] = Field(
+        "learned",
+        description="position embeddings: learned (a table of data.seq_len rows), or fixed sinusoidal ones "
+        "(no parameters, defined at any length: for evaluating at lengths never trained)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -92,6 +97,8 @@ class ModelConfig(_Section):
             )
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.positions != "learned" and self.family != "dtrain":
+            raise ValueError("model.positions=sinusoidal is an option of model.family=dtrain (BERT has its own)")
         return self
 
 

@@ -238,6 +238,7 @@ class HFBert(nn.Module):
     # implementation), over this model's FPSA layers
     step_statistics = SelfTransformer.step_statistics
     example_iterations = SelfTransformer.example_iterations
+    token_iterations = SelfTransformer.token_iterations
     fpsa_stats = SelfTransformer.fpsa_stats
     fpsa_example_iters = SelfTransformer.fpsa_example_iters
     regularisation_loss = SelfTransformer.regularisation_loss

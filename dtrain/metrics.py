@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -64,6 +65,12 @@ VAL_ACC = "val/acc"
 VAL_PERPLEXITY = "val/perplexity"
 # mean over difficulties of the iterations per example; the name predates the protocol below and is public
 VAL_EXAMPLE_ITERS_MEAN = "val/fpsa_iters_mean"
+#: least-squares slope of the iterations per token (mean over layers) on the token's difficulty
+#: (Task.token_difficulty), over the real tokens of the held-out split; a model that reports token iterations
+#: on a task with a per-token difficulty only
+VAL_TOKEN_ITERS_SLOPE = "val/fpsa_token_iters_slope"
+#: {token difficulty: mean iterations per token} (eval rows and summary.json; keys are strings in the files)
+TOKEN_ITERS_BY_DIFFICULTY = "fpsa/iters_by_token_difficulty"
 
 # ---------------------------------------------------------------------------------------------- summary.json
 PARAMS = "params"
@@ -78,6 +85,7 @@ ENGINE = "engine"
 FINAL_VAL_ACC = "final/val_acc"
 FINAL_VAL_LOSS = "final/val_loss"
 FINAL_VAL_PERPLEXITY = "final/val_perplexity"
+FINAL_TOKEN_ITERS_SLOPE = "final/fpsa_token_iters_slope"  # val/fpsa_token_iters_slope of the final evaluation
 COMM_BYTES_TOTAL = "comm/bytes_total"
 COMM_BYTES_PER_STEP = "comm/bytes_per_step"
 COMM_WIRE_BYTES_PER_STEP = "comm/wire_bytes_per_step"
@@ -101,6 +109,8 @@ VAL_ACC_BY_DIFFICULTY = "val/acc_by_difficulty"
 
 # ---------------------------------------------------------------------------------------------- wandb only
 BYTES_VS_ACCURACY = "bytes_vs_accuracy"  # the tracker's table of (step, comm/bytes_cum, val/acc)
+#: the tracker's table of the final fpsa/iters_by_token_difficulty: (token_difficulty, iterations)
+TOKEN_ITERS_TABLE = "fpsa_token_iters_by_difficulty"
 
 
 @runtime_checkable
@@ -118,6 +128,17 @@ class ReportsStatistics(Protocol):
     def example_iterations(self) -> torch.Tensor | None: ...
 
 
+@runtime_checkable
+class ReportsTokenIterations(Protocol):
+    """A model whose adaptive computation is per token.
+
+    token_iterations: float [B, L] on any device, the iterations each token of the last forward needed (mean
+        over layers, 0 for padding), or None when the model does not adapt its computation.
+    """
+
+    def token_iterations(self) -> torch.Tensor | None: ...
+
+
 def step_statistics(model: object) -> dict[str, float]:
     """The model's own statistics of its last training forward ({} for a model that reports none)."""
     return model.step_statistics() if isinstance(model, ReportsStatistics) else {}
@@ -126,6 +147,25 @@ def step_statistics(model: object) -> dict[str, float]:
 def example_iterations(model: object) -> torch.Tensor | None:
     """Per-example iterations of the model's last forward, None for a model without adaptive computation."""
     return model.example_iterations() if isinstance(model, ReportsStatistics) else None
+
+
+def token_iterations(model: object) -> torch.Tensor | None:
+    """Per-token iterations of the model's last forward, None for a model without per-token adaptive computation."""
+    return model.token_iterations() if isinstance(model, ReportsTokenIterations) else None
+
+
+def least_squares_slope(x: Sequence[float], counts: Sequence[float], sums: Sequence[float]) -> float:
+    """Least-squares slope of y on x over points grouped by x: counts[i] points at x = x[i] whose y add up to
+    sums[i]. The same slope as a fit to the points one by one (sum over points of (x - x̄)(y - ȳ) is
+    sum over groups of (x_i - x̄) sums_i); NaN when the points take fewer than two distinct x."""
+    n = math.fsum(counts)
+    if n == 0:
+        return math.nan
+    x_mean = math.fsum(c * xi for xi, c in zip(x, counts)) / n
+    sxx = math.fsum(c * (xi - x_mean) ** 2 for xi, c in zip(x, counts))
+    if sxx == 0:
+        return math.nan
+    return math.fsum((xi - x_mean) * si for xi, si in zip(x, sums)) / sxx
 
 
 def format_bytes(n: float) -> str:

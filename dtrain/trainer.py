@@ -55,6 +55,7 @@ from .metrics import (
     format_bytes,
     ring_allreduce_wire_bytes,
     step_statistics,
+    token_iterations,
     wire_ratio,
 )
 from .model import build_model, regularisation_loss
@@ -95,44 +96,84 @@ class EvalResult:
     perplexity: float | None = None  # exp(loss), for tasks that report it (masked-LM)
     iters_by_difficulty: dict[int, float] = field(default_factory=dict)  # {} for a model without adaptive compute
     acc_by_difficulty: dict[int, float] = field(default_factory=dict)
+    # iterations per token (mean over layers) by the token's difficulty (Task.token_difficulty), and their
+    # least-squares slope over the real tokens: {} and None for a model without per-token adaptive computation
+    # or a task without a per-token difficulty (the slope is NaN when every token has the same difficulty)
+    iters_by_token_difficulty: dict[int, float] = field(default_factory=dict)
+    token_iters_slope: float | None = None
 
 
-def _example_rows(
-    difficulty: torch.Tensor, iters: torch.Tensor | None, hits: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """[B, 4] CPU rows (difficulty, iterations, correct, targets) of one eval batch; iterations 0 when the model
-    reported none."""
-    dims = tuple(range(1, hits.dim()))
-    ex_hits = hits.sum(dims) if dims else hits
-    ex_valid = valid.sum(dims) if dims else valid
-    ex_iters = iters.float().cpu() if iters is not None else torch.zeros(len(difficulty))
-    return torch.stack([difficulty.float(), ex_iters, ex_hits.float().cpu(), ex_valid.float().cpu()], dim=1)
+def _token_table(difficulty: torch.Tensor, iters: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """float64 [D, 2] CPU rows (tokens, summed iterations) of one eval batch's real tokens, row d for token
+    difficulty d."""
+    d, y = difficulty[real].long(), iters[real].double()
+    size = int(d.max()) + 1 if d.numel() else 0
+    return torch.stack([torch.bincount(d, minlength=size).double(), torch.bincount(d, y, minlength=size)], dim=1)
+
+
+def _sum_tables(tables: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of [D_i, 2] token tables, each padded with zero rows to the longest."""
+    total = torch.zeros(max((len(t) for t in tables), default=0), 2, dtype=torch.float64)
+    for t in tables:
+        total[: len(t)] += t
+    return total
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalResult:
+    """Loss and accuracy over the held-out split, each rank its contiguous share, reduced over ranks; for a model
+    with adaptive computation also the iterations by example difficulty and by token difficulty (from the
+    iterations of this forward; a task without `token_difficulty` has none). Besides the solver's own exit
+    checks, one host sync per batch reads everything the evaluation keeps of it; the per-example rows and the
+    per-token tables travel in one gather."""
     was_training = model.training
     model.eval()
     start, end = _split(task.n_val, env.world_size, env.rank)
-    # sums: loss, correct, targets counted; per example: (difficulty, iterations, correct, targets)
+    # sums: loss, correct, targets counted; per example: (difficulty, iterations, correct, targets); per token
+    # difficulty: (tokens, summed iterations)
     loss_sum = correct = counted = 0.0
     per_example: list[torch.Tensor] = []
+    per_token: list[torch.Tensor] = []
     adaptive = False
     for lo in range(start, end, cfg.eval.batch_size):
         b = task.batch("val", lo, min(cfg.eval.batch_size, end - lo))
+        n = len(b.tokens)
         tokens, mask, targets = b.tokens.to(env.device), b.mask.to(env.device), b.targets.to(env.device)
         logits = model(tokens, mask)
         flat_logits, flat_t = logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)
-        loss_sum += F.cross_entropy(flat_logits, flat_t, ignore_index=-100, reduction="sum").item()
+        loss = F.cross_entropy(flat_logits, flat_t, ignore_index=-100, reduction="sum")
         valid = targets != -100
         hits = (logits.argmax(-1) == targets) & valid
-        correct += hits.sum().item()
-        counted += valid.sum().item()
+        dims = tuple(range(1, hits.dim()))
+        ex_hits, ex_valid = (hits.sum(dims), valid.sum(dims)) if dims else (hits, valid)
         iters = example_iterations(model)
         adaptive = iters is not None
-        per_example.append(_example_rows(b.difficulty, iters, hits, valid))
+        # on the host, from the batch as built
+        token_difficulty = task.token_difficulty(b.tokens) if hasattr(task, "token_difficulty") else None
+        tok_iters = token_iterations(model) if token_difficulty is not None else None
+        # integers and float32 values, exact in float64: the same figures as read one by one
+        parts = [loss.double().reshape(1), ex_hits.double(), ex_valid.double()]
+        parts += [t.double().reshape(-1) for t in (iters, tok_iters) if t is not None]
+        host = torch.cat(parts).cpu()
+        loss_sum += float(host[0])
+        ex_hits, ex_valid = host[1 : 1 + n], host[1 + n : 1 + 2 * n]
+        correct += float(ex_hits.sum())
+        counted += float(ex_valid.sum())
+        ex_iters = host[1 + 2 * n : 1 + 3 * n].float() if iters is not None else torch.zeros(n)
+        per_example.append(torch.stack([b.difficulty.float(), ex_iters, ex_hits.float(), ex_valid.float()], dim=1))
+        if tok_iters is not None:
+            offset = 1 + (3 if iters is not None else 2) * n
+            per_token.append(_token_table(token_difficulty, host[offset:].reshape(b.tokens.shape), b.mask))
     totals = all_reduce_sum(torch.tensor([loss_sum, correct, counted], dtype=torch.float64))
-    rows = torch.cat(all_gather_objects(torch.cat(per_example) if per_example else torch.zeros(0, 4)))
+    local = (
+        torch.cat(per_example) if per_example else torch.zeros(0, 4),
+        _sum_tables(per_token) if per_token else None,
+        adaptive,
+    )
+    gathered = all_gather_objects(local)
+    rows = torch.cat([g[0] for g in gathered])
+    adaptive = any(g[2] for g in gathered)  # a rank without validation examples has seen no forward
+    token_tables = [g[1] for g in gathered if g[1] is not None]
     model.train(was_training)
     by_iters: dict[int, float] = {}
     by_acc: dict[int, float] = {}
@@ -140,6 +181,13 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         sel = rows[rows[:, 0] == d]
         by_iters[d] = float(sel[:, 1].mean())
         by_acc[d] = float(sel[:, 2].sum() / sel[:, 3].sum().clamp(min=1))
+    by_token: dict[int, float] = {}
+    slope = None
+    if token_tables:
+        table = _sum_tables(token_tables)
+        counts, sums = table[:, 0].tolist(), table[:, 1].tolist()
+        by_token = {d: sums[d] / counts[d] for d in range(len(counts)) if counts[d] > 0}
+        slope = metrics.least_squares_slope(range(len(counts)), counts, sums)
     loss = float(totals[0] / max(totals[2], 1))
     return EvalResult(
         loss=loss,
@@ -147,6 +195,8 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         perplexity=math.exp(min(loss, 700.0)) if task.spec.reports_perplexity else None,
         iters_by_difficulty=by_iters if adaptive else {},
         acc_by_difficulty=by_acc,
+        iters_by_token_difficulty=by_token,
+        token_iters_slope=slope if by_token else None,
     )
 
 
@@ -491,6 +541,9 @@ class Trainer:
             row[metrics.VAL_PERPLEXITY] = res.perplexity
         if res.iters_by_difficulty:
             row[metrics.VAL_EXAMPLE_ITERS_MEAN] = sum(res.iters_by_difficulty.values()) / len(res.iters_by_difficulty)
+        if res.iters_by_token_difficulty:
+            row[metrics.VAL_TOKEN_ITERS_SLOPE] = res.token_iters_slope
+            row[metrics.TOKEN_ITERS_BY_DIFFICULTY] = {str(k): v for k, v in res.iters_by_token_difficulty.items()}
         self.rundir.log(row)
         tracker.log(row)
         return res
@@ -538,6 +591,9 @@ class Trainer:
             summary[metrics.EXAMPLE_ITERS_BY_DIFFICULTY] = {str(k): v for k, v in ev.iters_by_difficulty.items()}
         if ev and ev.acc_by_difficulty:
             summary[metrics.VAL_ACC_BY_DIFFICULTY] = {str(k): v for k, v in ev.acc_by_difficulty.items()}
+        if ev and ev.iters_by_token_difficulty:
+            summary[metrics.FINAL_TOKEN_ITERS_SLOPE] = ev.token_iters_slope
+            summary[metrics.TOKEN_ITERS_BY_DIFFICULTY] = {str(k): v for k, v in ev.iters_by_token_difficulty.items()}
         return summary
 
 

@@ -5,17 +5,23 @@ Token 0 is the identity, tokens 1 and 2 are two generators of the group. The sta
 p_t = g_t ∘ p_{t-1} (apply g_1 first), p_0 = identity, and the class is the index of p_t among the group's
 elements in lexicographic order of their one-line notation. Each example draws its own rate r ~ U(0, 1) of
 non-identity tokens; the difficulty is the number of non-identity tokens, i.e. the number of state changes.
+A token's difficulty (`token_difficulty`) is the number of non-identity tokens up to and including it: the
+state changes its target has been through, the example's difficulty at its last token.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from dtrain.config import DataConfig
 
 from .tasks import Example, GeneratedTask, TaskSpec
 
 Permutation = tuple[int, ...]
+
+#: the identity token (the generators are tokens 1 and 2)
+IDENTITY = 0
 
 # S5 = <(0 1), (0 1 2 3 4)>. A5 = <(0 1 2), (0 1 2 3 4)>: both are even, and the only subgroup of A5 whose order
 # is divisible by 3 and 5 is A5 itself.
@@ -61,11 +67,15 @@ class StateTracking(GeneratedTask):
             pad_id=None,
         )
 
+    def token_difficulty(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 [B, L]: non-identity tokens up to and including each position."""
+        return (tokens != IDENTITY).long().cumsum(dim=1)
+
     def sample(self, rng: np.random.Generator) -> Example:
         length = self.spec.seq_len
         change_rate = rng.random()
         changes = rng.random(length) < change_rate
-        tokens = np.where(changes, rng.integers(1, self.spec.vocab_size, size=length), 0).astype(np.int64)
+        tokens = np.where(changes, rng.integers(1, self.spec.vocab_size, size=length), IDENTITY).astype(np.int64)
         states = np.empty(length, dtype=np.int64)
         state = self.identity_class
         for t, token in enumerate(tokens):

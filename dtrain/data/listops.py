@@ -6,11 +6,18 @@ MED is the lower median (the middle element of the sorted arguments, the lower o
 for an even count), so every value is a digit. The difficulty is the nesting depth, drawn uniformly from
 1..data.max_depth; every expression fits seq_len (the rest is padding) because each argument is generated
 within the tokens its later siblings leave over.
+
+A token's difficulty (`token_difficulty`) is its nesting depth: the lists open at it, its own "[OP" and "]"
+included (in the example above 1 for "[MAX 2 9", "0" and the last "]", 2 for "[MIN 4 7 ]"), 0 for padding;
+the example's difficulty is the largest. Its answer depends on the whole expression, so this is where in the
+expression a token sits, not what its own prediction needs; sequences are padded to data.seq_len, so the
+length of the input is fixed while the expression's is not.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from dtrain.config import DataConfig
 
@@ -84,6 +91,13 @@ class ListOps(GeneratedTask):
             targets_per_example=1,
             pad_id=PAD,
         )
+
+    def token_difficulty(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 [B, L]: the nesting depth of each token (0 for padding)."""
+        opens = ((tokens >= OP0) & (tokens < CLOSE)).long()
+        closes = (tokens == CLOSE).long()
+        # lists opened up to and including this token, minus those closed before it
+        return opens.cumsum(dim=1) - (closes.cumsum(dim=1) - closes)
 
     def sample(self, rng: np.random.Generator) -> Example:
         depth = int(rng.integers(1, self.max_depth + 1))

@@ -1,12 +1,15 @@
 """Prefix parity: bits b_1..b_L, target at position i = b_1 xor ... xor b_i.
 
 Each example first draws its own rate p ~ U(0, 1) of ones, so the number of ones (the number of times the
-running parity flips, used as the difficulty) is spread evenly over 0..L instead of bunching around L/2.
+running parity flips, used as the difficulty) is spread evenly over 0..L instead of bunching around L/2. A
+token's difficulty (`token_difficulty`) is the number of ones up to and including it: the flips its target has
+been through.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from dtrain.config import DataConfig
 
@@ -25,6 +28,10 @@ class PrefixParity(GeneratedTask):
             targets_per_example=cfg.seq_len,
             pad_id=None,
         )
+
+    def token_difficulty(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 [B, L]: ones up to and including each position."""
+        return tokens.long().cumsum(dim=1)
 
     def sample(self, rng: np.random.Generator) -> Example:
         ones_rate = rng.random()

@@ -104,6 +104,14 @@ class Task(abc.ABC):
         """Files (name -> text) the run directory keeps so a resumed run rebuilds this task identically."""
         return {}
 
+    def token_difficulty(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """int64 [B, L]: the difficulty of each token of `tokens` [B, L] (a batch's, on any device), or None for
+        a task without a per-token notion of difficulty (digits, text). The one definition that the evaluation
+        (fpsa/iters_by_token_difficulty) and bench/fpsa_adaptivity.py use; padding gets some value, callers keep
+        the real tokens only. For the generated tasks an example's `difficulty` is the largest of its tokens'
+        (see each task's docstring)."""
+        return None
+
 
 class GeneratedTask(Task):
     """A synthetic task. Subclasses say how to sample one candidate example; this class makes it addressable."""

@@ -1,6 +1,6 @@
 """The pre-LN encoder used for every task, with vanilla or fixed-point self-attention.
 
-    h = token_embedding + position_embedding
+    h = token_embedding + position_embedding       (learned, or sinusoidal: model.positions)
     per block:  h = h + drop(attn(LN(h), mask));  h = h + drop(FFN(LN(h)))      FFN = Linear -> GELU -> Linear
     logits = head(LN(h))                 per-token tasks:    [B, L, C]
     logits = head(masked_mean(LN(h)))    per-sequence tasks: [B, C]
@@ -22,6 +22,17 @@ from dtrain.data import TaskSpec
 
 from .attention import VanillaAttention
 from .fpsa import FixedPointAttention
+
+
+def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:
+    """[L, d_model] fixed position embeddings of Vaswani et al. 2017: sin on the even and cos on the odd
+    features, wavelengths 2π .. 10000·2π."""
+    freqs = torch.exp(torch.arange(0, d_model, 2, device=positions.device) * (-math.log(10000.0) / d_model))
+    angles = positions.float()[:, None] * freqs[None, :]
+    table = torch.zeros(len(positions), d_model, device=positions.device)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : d_model // 2])
+    return table
 
 
 class FeedForward(nn.Module):
@@ -56,7 +67,8 @@ class SelfTransformer(nn.Module):
             raise ValueError("model.learned_temperature=true needs model.attention=fpsa (it is an FPSA parameter)")
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, m.d_model)
-        self.pos = nn.Embedding(spec.seq_len, m.d_model)
+        # model.positions=sinusoidal: no table, so the model runs at any length (sinusoidal_positions)
+        self.pos = nn.Embedding(spec.seq_len, m.d_model) if m.positions == "learned" else None
         self.drop = nn.Dropout(m.dropout)
 
         def attention() -> nn.Module:
@@ -71,7 +83,8 @@ class SelfTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.drop(self.embed(tokens) + self.pos(positions))
+        pos = self.pos(positions) if self.pos is not None else sinusoidal_positions(positions, self.embed.embedding_dim)
+        h = self.drop(self.embed(tokens) + pos.to(self.embed.weight.dtype))
         for block in self.blocks:
             h = block(h, mask)
         h = self.norm(h)
@@ -96,6 +109,14 @@ class SelfTransformer(nn.Module):
         if not layers:
             return None
         return self.fpsa_example_iters().float() / len(layers)
+
+    def token_iterations(self) -> torch.Tensor | None:
+        """float64 [B, L] on the device: FPSA iterations each token of the last forward was updated in, as the
+        mean over layers (0 for padding); None for vanilla attention. No host sync."""
+        solves = [layer.last_solve for layer in self.fpsa_layers()]
+        if not solves or any(s is None for s in solves):
+            return None
+        return torch.stack([s.token_iters for s in solves]).sum(dim=0).double() / len(solves)
 
     def regularisation_loss(self) -> torch.Tensor | None:
         """fpsa.jac_reg x the sum over FPSA layers of their Jacobian penalty of the last training forward, to add

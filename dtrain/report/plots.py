@@ -5,6 +5,7 @@ Every configuration (table row) has one colour; its seeds are drawn as separate 
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .. import metrics
-from .table import TaskTable, mean_time_to_target
+from .table import Row, TaskTable, mean_time_to_target
 from .timemodel import LinkRate, parse_link_rate
 
 _COLORS = [f"C{i}" for i in range(10)]
@@ -37,6 +38,7 @@ def make_plots(table: TaskTable, rates: list[LinkRate], out: Path) -> list[Plot]
         _loss_vs_step(table, out),
         _time_to_target(table, rates, out),
         _fpsa_iterations(table, out),
+        _fpsa_token_iterations(table, out),
     ]
     return [plot for plot in plots if plot is not None]
 
@@ -151,25 +153,73 @@ def _as_number(difficulty: str) -> float | str:
         return difficulty
 
 
+def _mean_by_difficulty(row: Row, key: str) -> dict[float | str, float]:
+    """{difficulty: mean over the row's seeds} of the summary dict `key` ({} when no run has it), sorted."""
+    by_difficulty: dict[float | str, list[float]] = {}
+    for run in row.runs:
+        for difficulty, iters in run.summary.get(key, {}).items():
+            by_difficulty.setdefault(_as_number(str(difficulty)), []).append(float(iters))
+    ordered = sorted(by_difficulty, key=lambda d: (isinstance(d, str), d))
+    return {d: statistics.fmean(by_difficulty[d]) for d in ordered}
+
+
+def token_iterations_by_difficulty(row: Row) -> dict[float | str, float]:
+    """{token difficulty: FPSA iterations per token}, mean over the row's seeds (fpsa/iters_by_token_difficulty
+    of each run's final evaluation); {} for runs without it."""
+    return _mean_by_difficulty(row, metrics.TOKEN_ITERS_BY_DIFFICULTY)
+
+
 def _fpsa_iterations(table: TaskTable, out: Path) -> Plot | None:
     fig, ax = _figure()
     drawn = False
     for i, row in enumerate(table.rows):
-        by_difficulty: dict[float | str, list[float]] = {}
-        for run in row.runs:
-            for difficulty, iters in run.summary.get(metrics.EXAMPLE_ITERS_BY_DIFFICULTY, {}).items():
-                by_difficulty.setdefault(_as_number(str(difficulty)), []).append(float(iters))
+        by_difficulty = _mean_by_difficulty(row, metrics.EXAMPLE_ITERS_BY_DIFFICULTY)
         if by_difficulty:
-            difficulties = sorted(by_difficulty, key=lambda d: (isinstance(d, str), d))
-            means = [statistics.fmean(by_difficulty[d]) for d in difficulties]
-            ax.plot(difficulties, means, marker="o", **_style(i), label=row.label)
+            ax.plot(list(by_difficulty), list(by_difficulty.values()), marker="o", **_style(i), label=row.label)
             drawn = True
     if not drawn:
         return None
     ax.set(
-        xlabel="task difficulty",
-        ylabel="mean FPSA iterations (mean over seeds)",
-        title=f"{table.task}: fixed-point iterations vs difficulty",
+        xlabel="example difficulty",
+        ylabel="mean FPSA iterations per example (mean over seeds)",
+        title=f"{table.task}: fixed-point iterations per example vs example difficulty",
     )
     _legend(ax)
-    return _save(fig, out / f"{table.task}_fpsa_iterations.png", "FPSA iterations vs task difficulty")
+    return _save(fig, out / f"{table.task}_fpsa_iterations.png", "FPSA iterations per example vs task difficulty")
+
+
+# what Task.token_difficulty counts, for the axis label
+_TOKEN_DIFFICULTY = {
+    "s5": "non-identity tokens up to and including the token",
+    "a5": "non-identity tokens up to and including the token",
+    "parity": "ones up to and including the token",
+    "listops": "nesting depth of the token",
+}
+
+
+def _fpsa_token_iterations(table: TaskTable, out: Path) -> Plot | None:
+    """Iterations per token against the token's own difficulty: every sequence of the held-out split has the
+    same length, so this separates adaptivity from length (the per-example plot mixes them)."""
+    fig, ax = _figure()
+    drawn = False
+    for i, row in enumerate(table.rows):
+        by_difficulty = token_iterations_by_difficulty(row)
+        if by_difficulty:
+            slopes = [float(r.summary.get(metrics.FINAL_TOKEN_ITERS_SLOPE, math.nan)) for r in row.runs]
+            slopes = [s for s in slopes if math.isfinite(s)]
+            label = row.label + (f" (slope {statistics.fmean(slopes):+.3f})" if slopes else "")
+            ax.plot(list(by_difficulty), list(by_difficulty.values()), marker="o", **_style(i), label=label)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set(
+        xlabel="per-token difficulty: " + _TOKEN_DIFFICULTY.get(table.task, "the task's token_difficulty"),
+        ylabel="FPSA iterations per token\n(mean over tokens, layers and seeds)",
+        title=f"{table.task}: iterations per token vs per-token difficulty, at a fixed sequence length",
+    )
+    _legend(ax)
+    return _save(
+        fig,
+        out / f"{table.task}_fpsa_token_iterations.png",
+        "FPSA iterations per token vs per-token difficulty (fixed sequence length)",
+    )

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import wandb
 
+from .plots import token_iterations_by_difficulty
 from .table import TaskTable, records
 from .timemodel import LinkRate
 
 PROJECT = "dtrain"
+#: FPSA iterations per token by per-token difficulty (fixed sequence length), one row per (configuration, difficulty)
+TOKEN_ITERS_KEY = "report/fpsa_token_iters_by_difficulty"
 
 
 def log_report(tables: list[TaskTable], rates: list[LinkRate], out: Path) -> Path:
@@ -30,17 +33,27 @@ def log_report(tables: list[TaskTable], rates: list[LinkRate], out: Path) -> Pat
     )
     try:
         table = wandb.Table(columns=columns, data=data)
-        run.log(
-            {
-                "report/table": table,
-                "report/bytes_vs_accuracy": wandb.plot.scatter(
-                    table,
-                    "payload_bytes_per_step",
-                    "final_acc_mean",
-                    title="payload bytes per step vs final validation accuracy",
-                ),
-            }
-        )
+        logged = {
+            "report/table": table,
+            "report/bytes_vs_accuracy": wandb.plot.scatter(
+                table,
+                "payload_bytes_per_step",
+                "final_acc_mean",
+                title="payload bytes per step vs final validation accuracy",
+            ),
+        }
+        # the per-token plot's points: iterations per token by per-token difficulty, per configuration
+        token_rows = [
+            [t.task, row.label, d, iters]
+            for t in tables
+            for row in t.rows
+            for d, iters in token_iterations_by_difficulty(row).items()
+        ]
+        if token_rows:
+            logged[TOKEN_ITERS_KEY] = wandb.Table(
+                columns=["task", "configuration", "token_difficulty", "iterations"], data=token_rows
+            )
+        run.log(logged)
         return Path(run.dir).parent
     finally:
         run.finish()

@@ -62,6 +62,10 @@ def test_two_rank_run_writes_the_run_directory(tmp_path: Path):
     assert s[metric.COMM_ALLREDUCE_BYTES_PER_STEP] == 4 * s[metric.PARAMS]
     ratio = s[metric.COMM_ALLREDUCE_BYTES_PER_STEP] / s[metric.COMM_BYTES_PER_STEP]
     assert s[metric.COMPRESSION_RATIO] == pytest.approx(ratio)
+    # FPSA on parity: iterations per token by ones so far, in every eval row and in the summary
+    assert all(metric.VAL_TOKEN_ITERS_SLOPE in r and metric.TOKEN_ITERS_BY_DIFFICULTY in r for r in eval_rows)
+    assert s[metric.TOKEN_ITERS_BY_DIFFICULTY] == eval_rows[-1][metric.TOKEN_ITERS_BY_DIFFICULTY]
+    assert s[metric.FINAL_TOKEN_ITERS_SLOPE] == eval_rows[-1][metric.VAL_TOKEN_ITERS_SLOPE]
 
 
 def test_exact_strategies_and_world_sizes_give_the_same_model(tmp_path: Path):

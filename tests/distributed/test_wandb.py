@@ -23,6 +23,11 @@ KEYS = [
         metrics.FPSA_ITERS_MEAN,
         metrics.COMPRESSION_RATIO,
         metrics.BYTES_VS_ACCURACY,
+        # tiny.yaml is FPSA on parity: iterations per token by ones so far
+        metrics.VAL_TOKEN_ITERS_SLOPE,
+        metrics.FINAL_TOKEN_ITERS_SLOPE,
+        f"{metrics.TOKEN_ITERS_BY_DIFFICULTY}/1",
+        metrics.TOKEN_ITERS_TABLE,
     )
 ]
 

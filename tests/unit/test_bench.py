@@ -75,6 +75,18 @@ def test_fpsa_gradient_check_and_adaptivity_on_a_tiny_checkpoint(monkeypatch, ca
     text = docs.read_text()
     assert "## FPSA implicit vs BPTT gradient" in text and "## FPSA iterations vs per-token difficulty" in text
 
+    # the bench's plain slope is the trainer's val/fpsa_token_iters_slope: one difficulty, one set of iterations
+    from bench.fpsa_adaptivity import slopes, token_rows
+    from dtrain.distributed import DistEnv
+    from dtrain.trainer import evaluate
+
+    iters, difficulty, position, _ = token_rows(tmp_path)
+    model = build_model(cfg, build_task(cfg.data).spec)
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    res = evaluate(model, build_task(cfg.data), cfg, env)
+    assert res.token_iters_slope == pytest.approx(slopes(iters, difficulty, position)[0], rel=1e-9, abs=1e-12)
+
 
 def test_rankdad_model_overhead_tiny(monkeypatch, capsys):
     _run_main("rankdad_model_overhead", ["--tiny"], monkeypatch)

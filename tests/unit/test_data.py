@@ -169,3 +169,26 @@ def test_difficulty_is_spread(task):
     low, high = (1, 5) if task == "listops" else (0, 24)
     assert int(difficulty.min()) >= low and int(difficulty.max()) <= high
     assert len(set(difficulty.tolist())) >= (5 if task == "listops" else 15)
+
+
+def test_token_difficulty_on_hand_made_sequences():
+    """S5/A5: non-identity tokens so far; parity: ones so far; listops: nesting depth, brackets included."""
+    for name in ("s5", "a5"):
+        tokens = torch.tensor([[0, 1, 0, 2, 2, 0], [0, 0, 0, 0, 0, 0]])
+        assert make(name, seq_len=6).token_difficulty(tokens).tolist() == [[0, 1, 1, 2, 3, 3], [0] * 6]
+    bits = torch.tensor([[1, 0, 0, 1, 1, 0]])
+    assert make("parity", seq_len=6).token_difficulty(bits).tolist() == [[1, 1, 1, 2, 3, 3]]
+    # [MAX 2 9 [MIN 4 7 ] 0 ] <pad> <pad>
+    mx, mn, close = 11, 12, 15
+    expr = torch.tensor([[mx, 3, 10, mn, 5, 8, close, 1, close, 0, 0]])
+    depth = make("listops", seq_len=11, max_depth=2).token_difficulty(expr)
+    assert depth.tolist() == [[1, 1, 1, 2, 2, 2, 2, 1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_an_examples_difficulty_is_the_largest_of_its_tokens(task):
+    t = make(task, seq_len=20, max_depth=5)
+    b = t.batch("val", 0, 40)
+    per_token = t.token_difficulty(b.tokens)
+    assert per_token.shape == b.tokens.shape and per_token.dtype == torch.int64
+    assert per_token.masked_fill(~b.mask, -1).amax(dim=1).tolist() == b.difficulty.tolist()

@@ -187,11 +187,14 @@ def test_hf_bert_family_follows_the_model_contract(spec: TaskSpec, shape: tuple,
     model(tokens, mask).sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "token_type" not in n)
     stats, iters = model.step_statistics(), model.example_iterations()
+    token_iters = model.token_iterations()
     if attention == "vanilla":
-        assert stats == {} and iters is None
+        assert stats == {} and iters is None and token_iters is None
     else:
         assert FPSA_ITERS_MEAN in stats and FPSA_LOOP_LAYER.format(layer=1) in stats
         assert iters.shape == (BATCH,) and (iters >= 1).all()
+        assert token_iters.shape == (BATCH, LENGTH) and (token_iters[mask.bool()] >= 1).all()
+        assert token_iters.dtype == torch.float64 and (token_iters[~mask.bool()] == 0).all()  # padding: none
 
 
 def test_hf_bert_masked_lm_keys_are_bert_for_masked_lm_keys() -> None:

@@ -37,6 +37,7 @@ def write_run(
     compute_s: float,
     comm_s: float = 0.01,
     iters_by_difficulty: dict[str, float] | None = None,
+    iters_by_token_difficulty: dict[str, float] | None = None,
 ) -> None:
     """A finished run: evaluations every 10 steps, bytes growing by `payload` per step."""
     path.mkdir(parents=True)
@@ -88,6 +89,9 @@ def write_run(
     }
     if iters_by_difficulty:
         summary[metric.EXAMPLE_ITERS_BY_DIFFICULTY] = iters_by_difficulty
+    if iters_by_token_difficulty:
+        summary[metric.TOKEN_ITERS_BY_DIFFICULTY] = iters_by_token_difficulty
+        summary[metric.FINAL_TOKEN_ITERS_SLOPE] = 0.5
     (path / metric.SUMMARY_FILE).write_text(json.dumps(summary))
 
 
@@ -156,6 +160,7 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         eval_accs=[0.2, 0.4],
         compute_s=0.5,
         iters_by_difficulty={"1": 3.0, "2": 4.5, "3": 7.0},
+        iters_by_token_difficulty={"0": 2.0, "1": 2.5, "2": 3.0, "3": 3.5},
     )
     # the same configuration measured by a sweep on a shaped link: a row of its own
     write_run(
@@ -332,9 +337,10 @@ def test_non_finite_values_are_read_back_as_floats(tmp_path: Path) -> None:
 def test_plots_are_embedded_real_pngs(report: Report) -> None:
     out = report.path.parent
     expected = {f"parity_{name}.png" for name in ("accuracy_vs_bytes", "loss_vs_step", "time_to_target")}
-    # only listops has FPSA iterations by difficulty; both tasks reach their default targets
+    # only listops has FPSA iterations by difficulty (per example and per token); both tasks reach their targets
     expected |= {
-        f"listops_{name}.png" for name in ("accuracy_vs_bytes", "loss_vs_step", "time_to_target", "fpsa_iterations")
+        f"listops_{name}.png"
+        for name in ("accuracy_vs_bytes", "loss_vs_step", "time_to_target", "fpsa_iterations", "fpsa_token_iterations")
     }
     assert {p.name for p in out.glob("*.png")} == expected
     text = report.path.read_text()
@@ -345,6 +351,20 @@ def test_plots_are_embedded_real_pngs(report: Report) -> None:
         assert pixels.shape[0] > 300 and pixels.shape[1] > 500
         assert pixels[..., :3].std() > 0.05  # drawn lines and text, not a blank canvas
         assert f"]({name})" in text
+    assert "![FPSA iterations per token vs per-token difficulty (fixed sequence length)](listops_fpsa_token" in text
+
+
+def test_the_per_token_plot_draws_the_mean_over_seeds_by_token_difficulty(tmp_path: Path) -> None:
+    from dtrain.report.plots import token_iterations_by_difficulty
+
+    common = dict(task="s5", strategy="allreduce", rank=4, payload=1.0, allreduce=1.0, wire=1.0, compute_s=0.1)
+    write_run(tmp_path / "s0", seed=0, eval_accs=[0.1, 0.2], iters_by_token_difficulty={"0": 2.0, "1": 4.0}, **common)
+    write_run(tmp_path / "s1", seed=1, eval_accs=[0.1, 0.3], iters_by_token_difficulty={"0": 3.0, "2": 5.0}, **common)
+    report = make_report([str(tmp_path)], tmp_path / "out", None, parse_link_rates(["10mbit"]), log_wandb=False)
+    (row,) = report.tables[0].rows
+    assert token_iterations_by_difficulty(row) == {0.0: 2.5, 1.0: 4.0, 2.0: 5.0}
+    assert (tmp_path / "out" / "s5_fpsa_token_iterations.png").is_file()
+    assert not (tmp_path / "out" / "s5_fpsa_iterations.png").exists()  # no per-example figures in these runs
 
 
 def test_cli_logs_to_offline_wandb(sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -353,8 +373,12 @@ def test_cli_logs_to_offline_wandb(sweep_dir: Path, tmp_path: Path, capsys: pyte
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in printed
     assert "skipped" in printed and "rankdad-r2-s0-w2" in printed
+    from dtrain.report.wandb_log import TOKEN_ITERS_KEY
+    from tests.helpers.wandb_files import written
+
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     assert run_file.stat().st_size > 0
+    assert written(run_file, [TOKEN_ITERS_KEY]) == []  # listops' per-token points, as a table
     assert "wandb (offline)" in printed
 
 
