@@ -136,12 +136,15 @@ class Job:
         self._compose("down", "--volumes", "--remove-orphans", "--timeout", "5")
 
     def states(self) -> list[tuple[str, int]]:
+        # one docker process for all nodes, twice a second: on 2 cores, one per node took CPU from the job
         fmt = "{{.State.Status}} {{.State.ExitCode}}"
-        rows = [self.engine.docker("inspect", "-f", fmt, name).stdout.split() for name in self.names]
+        rows = [line.split() for line in self.engine.docker("inspect", "-f", fmt, *self.names).stdout.splitlines()]
         return [(status, int(code)) for status, code in rows]
 
     def run(self) -> tuple[list[int], list[int]]:
         """Start the nodes and wait for all of them; (final exit codes, restarts per node)."""
+        if netns._stop_signal is not None:  # Ctrl-C/SIGTERM during set-up (a step that ran on): start nothing
+            raise KeyboardInterrupt
         self._compose("up", "--detach", "--no-build")
         restarts = [0] * len(self.names)
         deadline = time.monotonic() + self.args.timeout

@@ -124,8 +124,11 @@ class Engine:
 
     def _prune(self) -> None:
         """Remove every stopped container, unused network and volume: all of them are ours on a private daemon."""
-        for kind in ("container", "network", "volume"):
+        for kind in ("container", "network"):
             self.docker(kind, "prune", "-f", check=False)
+        # named volumes too: daemons of API 1.42+ (docker 23) prune them only with --all, which older ones refuse
+        if self.docker("volume", "prune", "-f", "--all", check=False).returncode:
+            self.docker("volume", "prune", "-f", check=False)
 
     def _stop_private(self) -> None:
         if self.private.poll() is None:

@@ -6,7 +6,9 @@ Three cluster runs, each shared by the tests that read it (module fixtures), and
 - the same job on 4 nodes, node3's container `docker kill`ed after the first checkpoint: the tool starts the
   container again, torchrun restarts the other nodes' workers, all rejoin and resume, and the job ends with the
   uninterrupted model (the world size changes only the order of sums: < 1e-5);
-- 2 nodes, allreduce at 100 Mbit/s per node: gradient sync takes the time its wire bytes need at that rate.
+- 2 nodes, allreduce at 100 Mbit/s per node: gradient sync takes the time its wire bytes need at that rate;
+- 2 nodes training, the tool SIGINTed as a terminal's Ctrl-C reaches it: exit 130, nothing of the project left
+  on the daemon, the private daemon stopped.
 After every test the host's iptables rules, interfaces, mounts and dockerd processes are as before the module.
 The first run on a machine installs docker.io, docker-compose and debootstrap and builds the images (minutes);
 later runs find them cached (launch/docker_engine.py, STATE).
@@ -18,8 +20,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,8 +37,10 @@ TOOL = ROOT / "launch" / "compose_cluster"
 PROJECT = "dtrtest"  # not the tool's default, so a user's cluster is never touched
 SUBNET = "10.80.0"
 PRIVATE_SOCKET = Path("/run/dtrain-docker/docker.sock")  # docker_engine.SOCKET, while the tool runs its own daemon
-# long enough to kill a node mid-run, with checkpoints to resume from
-DAD_JOB = ("comm.strategy=dad", "train.steps=100", "checkpoint.every=20", "eval.every=0")
+# long enough to kill a node mid-run (after the first checkpoint, about 40 steps before the end) and resume from
+# a checkpoint; 100 steps checked nothing more and took about 3 s more per run (the oracle and both dad runs)
+DAD_STEPS = 50
+DAD_JOB = ("comm.strategy=dad", f"train.steps={DAD_STEPS}", "checkpoint.every=10", "eval.every=0")
 # gradients large enough that sync time is bandwidth, not per-message latency: 6.3 MB of fp32 per step
 CAPPED_JOB = ("comm.strategy=allreduce", "model.d_model=256", "model.n_layers=2", "model.n_heads=4")
 CAPPED_JOB += ("train.steps=10", "eval.every=0", "checkpoint.every=0")
@@ -66,6 +73,44 @@ def _report(out: Path) -> dict:
 def _docker(*args: str) -> subprocess.CompletedProcess:
     e = dict(os.environ, DOCKER_HOST=f"unix://{PRIVATE_SOCKET}") if PRIVATE_SOCKET.exists() else dict(os.environ)
     return subprocess.run(["docker", *args], env=e, capture_output=True, text=True, timeout=60)
+
+
+def _job_dir(deadline: float, tool: subprocess.Popen) -> Path | None:
+    """The job's run directory in the project's volume, once the volume exists (None if the tool exits first).
+    Looked up once: polling the files under it costs no docker process, which on 2 cores took CPU from the job."""
+    while time.monotonic() < deadline and tool.poll() is None:
+        inspect = _docker("volume", "inspect", "-f", "{{.Mountpoint}}", f"{PROJECT}_runs")
+        if inspect.returncode == 0:
+            return Path(inspect.stdout.strip()) / "job"
+        time.sleep(0.2)
+    return None
+
+
+def _engine_module():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import docker_engine
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    return docker_engine
+
+
+@contextmanager
+def _daemon_as_left(private: bool):
+    """The daemon the tool ran on, to look at what it left there: the reachable one, or the tool's private one
+    started again on its data root without the prune its start does (so leftovers show), stopped afterwards
+    (pruning then, so a failed check leaves nothing behind either)."""
+    engine = _engine_module().Engine()
+    if not private:
+        yield engine
+        return
+    engine._prune = lambda: None
+    engine._start_private()
+    del engine._prune
+    try:
+        yield engine
+    finally:
+        engine._stop_private()
 
 
 # ------------------------------------------------------------------------------------------ the host's state
@@ -130,12 +175,10 @@ def four_nodes_killed(runs: Path) -> tuple[Path, dict]:
     cmd = _cluster_cmd(out, "--nodes", "4", sets=DAD_JOB)
     tool = subprocess.Popen(cmd, cwd=ROOT, env=env(), stderr=subprocess.PIPE, text=True)
     try:
-        volume, killed_at = None, None
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and tool.poll() is None and killed_at is None:
-            inspect = _docker("volume", "inspect", "-f", "{{.Mountpoint}}", f"{PROJECT}_runs")
-            volume = Path(inspect.stdout.strip()) / "job" if inspect.returncode == 0 else None
-            saved = [p for p in (volume / "checkpoints").glob("step_*") if p.suffix != ".partial"] if volume else []
+        killed_at, deadline = None, time.monotonic() + 600
+        volume = _job_dir(deadline, tool)
+        while volume and time.monotonic() < deadline and tool.poll() is None and killed_at is None:
+            saved = [p for p in (volume / "checkpoints").glob("step_*") if p.suffix != ".partial"]
             if saved:  # a complete checkpoint to resume from
                 rows = (volume / METRICS_FILE).read_text().count("\n") if (volume / METRICS_FILE).exists() else 0
                 assert _docker("kill", f"{PROJECT}-node3").returncode == 0
@@ -161,7 +204,7 @@ def two_nodes_capped(runs: Path) -> dict:
 @needs_docker
 def test_dad_on_two_nodes_equals_torchrun_allreduce(two_nodes: Path, torchrun_allreduce: Path):
     report = _report(two_nodes)
-    assert report["summary"][WORLD_SIZE] == 2 and report["summary"][STEPS] == 100
+    assert report["summary"][WORLD_SIZE] == 2 and report["summary"][STEPS] == DAD_STEPS
     assert max_rel_diff(model_state(torchrun_allreduce), model_state(two_nodes)) < 1e-5
     assert (two_nodes.with_name(two_nodes.name + ".compose-logs") / "node1.log").exists()
 
@@ -174,8 +217,8 @@ def test_four_nodes_with_one_killed_mid_run_end_with_the_uninterrupted_model(
     out, seen = four_nodes_killed
     report = _report(out)
     assert report["exit_codes"] == [0] * 4 and report["restarts"] == [0, 0, 0, 1], report
-    assert report["summary"][WORLD_SIZE] == 4 and report["summary"][STEPS] == 100
-    assert 0 < seen["rows_at_kill"] < 100, "killed mid-run"
+    assert report["summary"][WORLD_SIZE] == 4 and report["summary"][STEPS] == DAD_STEPS
+    assert 0 < seen["rows_at_kill"] < DAD_STEPS, "killed mid-run"
     assert "node3 died (exit 137); restarted it" in seen["stderr"]
     assert "resumed from" in (out.with_name(out.name + ".compose-logs") / "node0.log").read_text()
     assert max_rel_diff(model_state(two_nodes), model_state(out)) < 1e-5
@@ -191,3 +234,46 @@ def test_two_nodes_capped_at_100mbit_sync_at_that_rate(two_nodes_capped: dict):
     # at the rate, plus TCP/IP headers (~7%, docs/launch.md), per-message latency and waiting for the peer
     needed = summary[COMM_WIRE_BYTES_PER_STEP] * 8 / RATE_BITS
     assert 0.9 <= summary[COMM_TIME_PER_STEP_S] / needed <= 1.3, (summary[COMM_TIME_PER_STEP_S], needed)
+
+
+@pytest.mark.docker
+@needs_docker
+def test_ctrl_c_stops_the_job_and_removes_containers_network_and_volume(runs: Path):
+    out = runs / "two-nodes-interrupted"
+    private = not _engine_module().Engine().reachable()  # then the tool starts its own daemon and must stop it
+    dockerd_before = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()
+    # a job far longer than the test, in a process group of its own as a terminal's foreground job; started with
+    # SIGINT ignored, as a background job of a script or CI runner starts everything: the tool must install its
+    # own handler (netns_cluster's Ctrl-C test has the story)
+    cmd = ["sh", "-c", 'trap "" INT; exec "$0" "$@"']
+    cmd += _cluster_cmd(out, "--nodes", "2", sets=("train.steps=100000", "eval.every=0", "checkpoint.every=0"))
+    tool = subprocess.Popen(cmd, cwd=ROOT, env=env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        volume = _job_dir(deadline, tool)
+        while volume and time.monotonic() < deadline and tool.poll() is None:
+            if (volume / METRICS_FILE).exists() and (volume / METRICS_FILE).read_text().count("\n"):
+                break  # both nodes are training: a metrics row needs a synchronised step
+            time.sleep(0.2)
+        training = tool.poll() is None and volume is not None and time.monotonic() < deadline
+        if training:
+            os.killpg(tool.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+        _, err = tool.communicate(timeout=120)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+    assert training, f"the job never started training:\n{err[-3000:]}"
+    assert tool.returncode == 130, err[-4000:]
+    lines = err.strip().splitlines()
+    assert lines[-1] == "compose_cluster: interrupted; containers, network and volume removed", err[-3000:]
+    assert sum("interrupted" in ln for ln in lines) == 1, err[-3000:]
+    dockerd_after = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()
+    assert dockerd_after == dockerd_before, "the private dockerd was left running"
+    assert not (private and PRIVATE_SOCKET.exists()), f"{PRIVATE_SOCKET} left behind"
+    label = f"label=com.docker.compose.project={PROJECT}"
+    with _daemon_as_left(private) as engine:
+        containers = engine.docker("ps", "-a", "-q", "--filter", label).stdout.split()
+        networks = engine.docker("network", "ls", "-q", "--filter", label).stdout.split()
+        volumes = engine.docker("volume", "ls", "-q", "--filter", label).stdout.split()
+    assert (containers, networks, volumes) == ([], [], []), "left on the daemon: containers, networks, volumes"
