@@ -148,10 +148,17 @@ class CapturedStrategy(Strategy):
     def _launch(self, layer: LayerStep) -> Pending:
         return self.plan.codec(layer.capture.name).launch(layer, self.comm)
 
-    def _finish(self, pending: Pending) -> None:
-        self._synced.append(pending.layer)
-        grad = self.plan.codec(pending.layer.capture.name).finish(pending, self.comm)
-        self._set_weight_grad(pending.layer, grad)
+    def _finish_all(self, pendings: list[Pending]) -> None:
+        """Decode every launched layer, codec by codec in order of first appearance (the same on every rank), so
+        a codec can coalesce the collectives its decode needs (`LayerCodec.finish_all`)."""
+        by_codec: dict[int, tuple[LayerCodec, list[Pending]]] = {}
+        for pending in pendings:
+            codec = self.plan.codec(pending.layer.capture.name)
+            by_codec.setdefault(id(codec), (codec, []))[1].append(pending)
+        for codec, group in by_codec.values():
+            for pending, grad in zip(group, codec.finish_all(group, self.comm)):
+                self._synced.append(pending.layer)
+                self._set_weight_grad(pending.layer, grad)
 
     @torch.no_grad()
     def synchronize(self) -> CommStats:
@@ -159,12 +166,11 @@ class CapturedStrategy(Strategy):
             raise RuntimeError(f"{self.name}: synchronize() before attach()")
         self._synced = []
         if self._overlapping():
-            self.scheduler.finish_round(self._finish)
+            self.scheduler.finish_round(self._finish_all)
         else:
             # every layer's collective is queued before the first wait, so the link never idles while a rank
             # combines one layer or compresses the next, and a slow peer's lag is waited out once, not per layer
-            for pending in [self._launch(layer) for layer in self.plan.apply(self.scheduler.collect())]:
-                self._finish(pending)
+            self._finish_all([self._launch(layer) for layer in self.plan.apply(self.scheduler.collect())])
         self.rest_sync(self.comm)
         for codec in self.plan.codecs():
             codec.end_step()

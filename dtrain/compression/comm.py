@@ -87,9 +87,10 @@ class Comm:
         """`all_gather` started now; its `wait()` returns the parts and charges the bytes."""
         return AsyncGather(self, tensor, name)
 
-    def all_reduce_async(self, tensor: torch.Tensor, name: str) -> AsyncReduce:
-        """In-place sum over ranks, started now; its `wait()` returns the tensor and charges the bytes."""
-        return AsyncReduce(self, tensor, name)
+    def all_reduce_async(self, tensor: torch.Tensor, name: str, parts: Mapping[str, int] | None = None) -> AsyncReduce:
+        """In-place sum over ranks, started now; its `wait()` returns the tensor and charges the bytes (`parts`:
+        see `account`)."""
+        return AsyncReduce(self, tensor, name, parts)
 
     def exchange_counts(self, counts: list[int], name: str = "meta/counts") -> list[list[int]]:
         """All-gather a short list of ints (e.g. rows per layer): result[r] is rank r's list."""
@@ -106,8 +107,8 @@ class _InFlight:
     gloo's worker thread can be released there during interpreter shutdown, which aborts the process.)
     """
 
-    def __init__(self, comm: Comm, name: str, nbytes: int) -> None:
-        self.comm, self.name, self.nbytes = comm, name, nbytes
+    def __init__(self, comm: Comm, name: str, nbytes: int, parts: Mapping[str, int] | None = None) -> None:
+        self.comm, self.name, self.nbytes, self.parts_of = comm, name, nbytes, parts
         self.launched = time.perf_counter()
         self.done: float | None = None
         self.work: dist.Work | None = None
@@ -135,7 +136,7 @@ class _InFlight:
             self.blocked += time.perf_counter() - t0
             if self.done is None:
                 self.done = time.perf_counter()
-        self.comm.account(self.name, self.nbytes, recv, wire, self.blocked)
+        self.comm.account(self.name, self.nbytes, recv, wire, self.blocked, self.parts_of)
         self._accounted = True
         return True
 
@@ -163,11 +164,11 @@ class AsyncReduce(_InFlight):
     """A sum all_reduce in flight, in place in its tensor; `wait()` returns it and charges `Comm` as a ring:
     2(S−1)/S × payload on the wire."""
 
-    def __init__(self, comm: Comm, tensor: torch.Tensor, name: str) -> None:
+    def __init__(self, comm: Comm, tensor: torch.Tensor, name: str, parts: Mapping[str, int] | None = None) -> None:
         if not tensor.is_contiguous():
             raise ValueError(f"{name}: all_reduce_async needs a contiguous tensor (it reduces in place)")
         _settle(tensor)  # queued compute that produced `tensor` is not communication
-        super().__init__(comm, name, tensor.numel() * tensor.element_size())
+        super().__init__(comm, name, tensor.numel() * tensor.element_size(), parts)
         self.tensor = tensor
         S = comm.world_size
         self._started(dist.all_reduce(tensor, group=comm.group, async_op=True) if S > 1 else None)

@@ -9,7 +9,7 @@ first, so the link does not idle while a rank combines one layer or compresses t
 
 With overlap (`comm.overlap`), each layer's collective starts in backward, from the capture's `on_delta`
 callback, as soon as its last Δ has arrived, and runs (gloo/NCCL `async_op`) while the rest of backward computes;
-`finish_round()` launches whatever is left, then the caller's `finish` decodes each layer in launch order. All
+`finish_round()` launches whatever is left, then the caller's `finish_all` decodes the layers in launch order. All
 ranks must call the same collectives in the same order whatever the timing, so:
 
 - at the first Δ of a step every rank exchanges its per-layer rows, known since forward
@@ -183,8 +183,8 @@ class LayerScheduler:
             rnd.launched[i] = pending
             rnd.next += 1
 
-    def finish_round(self, finish: Callable[[Pending], None]) -> None:
-        """After backward: launch what is left, exchange the extra-dense flags, then `finish` every layer in
+    def finish_round(self, finish_all: Callable[[list[Pending]], None]) -> None:
+        """After backward: launch what is left, exchange the extra-dense flags, then `finish_all` the layers in
         launch order."""
         rnd = self._round if self._round is not None else self._open_round()  # no Δ arrived on this rank
         self._round = None
@@ -204,12 +204,14 @@ class LayerScheduler:
                 "strategy.no_sync(), or set comm.overlap=false"
             )
         dense = self.comm.exchange_counts([int(c.dense_grad_arrived) for c in captures], "meta/dense")
-        report = RoundReport()
         for i in rnd.order:
             pending = rnd.launched[i]
             pending.layer.dense_anywhere = any(t[i] for t in dense)
             pending.layer.capture.reset_dense()
-            finish(pending)
+        finish_all([rnd.launched[i] for i in rnd.order])
+        report = RoundReport()
+        for i in rnd.order:
+            pending = rnd.launched[i]
             g = pending.gather
             if g is not None:
                 report.layers.append(

@@ -94,7 +94,7 @@ def test_layers_launch_in_reverse_forward_order_as_their_last_delta_arrives():
     sched.on_delta(b)
     assert launched == ["c", "b", "a"]
     finished: list[str] = []
-    sched.finish_round(lambda p: finished.append(p.layer.capture.name))
+    sched.finish_round(lambda ps: finished.extend(p.layer.capture.name for p in ps))
     assert finished == ["c", "b", "a"]
     assert comm.exchanges == ["meta/rows", "meta/dense"]
     assert sched.last_round.layers_in_backward == 3
@@ -110,7 +110,7 @@ def test_nothing_launches_early_when_the_ranks_orders_differ():
     sched.on_delta(a)
     assert launched == []
     finished: list[str] = []
-    sched.finish_round(lambda p: finished.append(p.layer.capture.name))
+    sched.finish_round(lambda ps: finished.extend(p.layer.capture.name for p in ps))
     assert finished == ["a", "b"]  # registration order, from finish_round
     assert sched.last_round.layers_in_backward == 0
 
@@ -123,7 +123,7 @@ def test_a_second_backward_after_launch_is_refused_and_nothing_is_left_in_flight
     a.pending += 1
     a.deliver(4)  # pairs of a second backward, after a's collective had started
     with pytest.raises(RuntimeError, match="recorded pairs after their collective had started"):
-        sched.finish_round(lambda p: None)
+        sched.finish_round(lambda ps: None)
     assert a.recorded_rows == 0
 
 

@@ -68,6 +68,11 @@ class LayerCodec(abc.ABC):
     def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
         """Wait for the collective and return the layer's mean weight gradient (None: no rows on any rank)."""
 
+    def finish_all(self, pendings: Sequence[Pending], comm: Comm) -> list[torch.Tensor | None]:
+        """`finish` for several of this codec's layers, in launch order (the same layers in the same order on every
+        rank): a codec whose decode needs another collective may coalesce those of all the layers into one."""
+        return [self.finish(p, comm) for p in pendings]
+
     @abc.abstractmethod
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
         """Estimated bytes one rank puts on its link per step for a layer (rows: the most over ranks; row_bytes:

@@ -28,18 +28,24 @@ residuals and warm starts as they were (`end_step`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from ... import metrics
 from ..capture import LinearCapture
-from ..comm import Comm
+from ..comm import AsyncReduce, Comm
 from ..dtypes import element_size, wire_dtype
 from ..lowrank import Dense, OuterProduct, effective_rank, orthonormalize
 from .base import LayerCodec, LayerStep, Pending
 from .factor_memory import FactorMemory
+
+
+def _part(handle: AsyncReduce, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor's share of a coalesced all-reduce, waited for, in its own dtype."""
+    return handle.wait()[offset : offset + shape.numel()].view(shape).to(dtype)
 
 
 class SubspaceCodec(LayerCodec):
@@ -52,19 +58,38 @@ class SubspaceCodec(LayerCodec):
 
     def bind(self, layer_names: list[str]) -> None:
         self.memory.bind(layer_names)
+        self._position = {name: i for i, name in enumerate(layer_names)}
 
     def rank_for(self, in_features: int, out_features: int, rows: int, name: str | None = None) -> int:
         """k for a layer whose ranks hold `rows` rows IN TOTAL (the rank bound of the summed gradient): comm.rank,
         or the layer's rank from a budget."""
         return self.memory.ranks.rank(name, in_features, out_features, rows)
 
-    def _reduce(self, comm: Comm, t: torch.Tensor, name: str, like: torch.Tensor, keep_mine: bool = False):
-        """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back. With `keep_mine`, also the
-        cast value this rank contributed, in `like`'s dtype (error feedback needs it; otherwise None)."""
+    def _reduce(self, comm: Comm, t: torch.Tensor, name: str) -> AsyncReduce:
+        """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back."""
         sent = t.to(self.factor_dtype)
-        # copied before the launch: the all-reduce overwrites `sent` in place
-        mine = sent.to(like.dtype, copy=True) if keep_mine else None
-        return comm.all_reduce_async(sent.clone() if sent is t else sent, name), mine
+        return comm.all_reduce_async(sent.clone() if sent is t else sent, name)
+
+    def _reduce_all(
+        self, comm: Comm, tensors: list[torch.Tensor], names: list[str], keep_mine: bool
+    ) -> tuple[list[Callable[[], torch.Tensor]], list[torch.Tensor | None]]:
+        """One all-reduce of all `tensors` (the layers' P or Q factors, flattened into one buffer in the wire
+        dtype, so L layers cost one round trip instead of L); returns per tensor a function giving its sum
+        (waiting on the first call) and, with `keep_mine`, the cast value this rank contributed (error feedback
+        needs it), in the tensor's dtype."""
+        flat = torch.cat([t.reshape(-1).to(self.factor_dtype) for t in tensors])
+        size = flat.element_size()
+        parts = {name: t.numel() * size for name, t in zip(names, tensors)}
+        # copied before the launch: the all-reduce overwrites `flat` in place
+        mine = flat.clone() if keep_mine else None
+        handle = comm.all_reduce_async(flat, f"{self.name}/{names[0].rsplit('/', 1)[-1]}", parts)
+        sums, kept, offset = [], [], 0
+        for t in tensors:
+            n = t.numel()
+            sums.append(partial(_part, handle, offset, t.shape, t.dtype))
+            kept.append(mine[offset : offset + n].view(t.shape).to(t.dtype) if mine is not None else None)
+            offset += n
+        return sums, kept
 
     def launch(self, layer: LayerStep, comm: Comm) -> Pending:
         """P_i = M_i Q, and its all-reduce started (the second half of the step waits for it in `finish`)."""
@@ -76,22 +101,42 @@ class SubspaceCodec(LayerCodec):
         target = self.memory.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
         op = OuterProduct(delta, a) if target is None else Dense(target)
         q = self.memory.start(c.name, c.in_features, k, c.weight)
-        reduce_p, _ = self._reduce(comm, op.mm(q), f"{c.name}/P", c.weight)
+        reduce_p = self._reduce(comm, op.mm(q), f"{c.name}/P")
         return Pending(layer, reduce_p, {"k": k, "op": op, "target": target})
 
     def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
-        if pending.gather is None:
-            return None
+        return self.finish_all([pending], comm)[0]
+
+    def finish_all(self, pendings: Sequence[Pending], comm: Comm) -> list[torch.Tensor | None]:
+        """The rest of the power step for all the layers at once: each P waited for (they were launched one by
+        one, during backward with comm.overlap), orthonormalised, and every layer's Q_i in ONE all-reduce (and,
+        with power_iters > 1, every later P too): one round trip for the Q phase, not one per layer."""
+        # coalesced in registration order whatever the launch order (overlap launches in reverse): the buffer's
+        # layout decides how the ring chunks and sums it, so it must not depend on timing or on comm.overlap
+        live = sorted((p for p in pendings if p.gather is not None), key=lambda p: self._position[p.layer.capture.name])
+        grads: dict[int, torch.Tensor] = {}
+        if live:
+            ef = any(p.data["target"] is not None for p in live)
+            p_sums: list[Callable[[], torch.Tensor]] = [p.gather.wait for p in live]
+            for iteration in range(self.options.power_iters):
+                p_hats = [orthonormalize(s().to(p.layer.capture.weight.dtype)) for s, p in zip(p_sums, live)]
+                q_mine = [p.data["op"].rmm(p_hat) for p, p_hat in zip(live, p_hats)]
+                q_names = [f"{p.layer.capture.name}/Q" for p in live]
+                q_sums, q_sent = self._reduce_all(comm, q_mine, q_names, keep_mine=ef)
+                qs = [s() for s in q_sums]
+                if iteration + 1 < self.options.power_iters:
+                    p_next = [p.data["op"].mm(q) for p, q in zip(live, qs)]
+                    p_sums, _ = self._reduce_all(comm, p_next, [f"{p.layer.capture.name}/P" for p in live], False)
+            for p, p_hat, q, sent in zip(live, p_hats, qs, q_sent):
+                grads[id(p)] = self._decoded(p, p_hat, q, sent, comm)
+        return [grads.get(id(p)) for p in pendings]
+
+    def _decoded(
+        self, pending: Pending, p_hat: torch.Tensor, q: torch.Tensor, q_sent: torch.Tensor | None, comm: Comm
+    ) -> torch.Tensor:
+        """G = P̂ Qᵀ / S for one layer, with its spectrum, warm start and residual bookkeeping."""
         c = pending.layer.capture
-        op, target = pending.data["op"], pending.data["target"]
-        reduce_p = pending.gather
-        for iteration in range(self.options.power_iters):
-            p_hat = orthonormalize(reduce_p.wait().to(c.weight.dtype))
-            q_mine = op.rmm(p_hat)
-            reduce_q, q_sent = self._reduce(comm, q_mine, f"{c.name}/Q", c.weight, keep_mine=target is not None)
-            q = reduce_q.wait().to(c.weight.dtype)
-            if iteration + 1 < self.options.power_iters:
-                reduce_p, _ = self._reduce(comm, op.mm(q), f"{c.name}/P", c.weight)
+        target = pending.data["target"]
         grad = p_hat @ (q / comm.world_size).T
         every = self.options.spectrum_every
         if every > 0 and self.memory.step % every == 0 and bool(torch.isfinite(q).all()):
