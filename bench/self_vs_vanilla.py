@@ -76,7 +76,7 @@ def probe_held_out(
     """What the trainer's evaluation does not break down: the accuracy at the last position, and per FPSA layer
     the iterations each held-out example needed, with the examples' difficulties (same batches as evaluate)."""
     model.eval()
-    n_val, size = cfg.data.n_val, cfg.eval.batch_size
+    n_val, size = task.n_val, cfg.eval.batch_size  # the task may hold fewer than data.n_val (digits)
     last_correct, iters, difficulty = 0, [], []
     n_fpsa = len(model.fpsa_layers())
     for start in range(0, n_val, size):
