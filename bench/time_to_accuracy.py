@@ -52,6 +52,14 @@ TTA_VARIANTS: dict[str, list[str]] = {
         "comm.factor_dtype=bf16",
         "comm.rest_dtype=bf16",
     ],
+    "rankdad-allreduce-k4-bf16-rest16-nooverlap": [
+        "comm.strategy=rankdad",
+        "comm.rankdad_mode=allreduce",
+        "comm.rank=4",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+        "comm.overlap=false",
+    ],
     "rankdad-k2-bf16-rest16-pi2": [
         "comm.strategy=rankdad",
         "comm.rank=2",

@@ -148,14 +148,22 @@ class CapturedStrategy(Strategy):
     def _launch(self, layer: LayerStep) -> Pending:
         return self.plan.codec(layer.capture.name).launch(layer, self.comm)
 
+    def _by_codec(self, layers: Sequence[Any], layer_of: Callable[[Any], LayerStep]) -> list[tuple[LayerCodec, list]]:
+        """`layers` grouped by their codec, codecs in order of first appearance (the same on every rank)."""
+        groups: dict[int, tuple[LayerCodec, list]] = {}
+        for item in layers:
+            codec = self.plan.codec(layer_of(item).capture.name)
+            groups.setdefault(id(codec), (codec, []))[1].append(item)
+        return list(groups.values())
+
+    def _launch_all(self, layers: list[LayerStep]) -> list[Pending]:
+        """After backward: launch every layer, codec by codec, so a codec can coalesce its layers' collectives."""
+        return [p for codec, group in self._by_codec(layers, lambda la: la) for p in codec.launch_all(group, self.comm)]
+
     def _finish_all(self, pendings: list[Pending]) -> None:
         """Decode every launched layer, codec by codec in order of first appearance (the same on every rank), so
         a codec can coalesce the collectives its decode needs (`LayerCodec.finish_all`)."""
-        by_codec: dict[int, tuple[LayerCodec, list[Pending]]] = {}
-        for pending in pendings:
-            codec = self.plan.codec(pending.layer.capture.name)
-            by_codec.setdefault(id(codec), (codec, []))[1].append(pending)
-        for codec, group in by_codec.values():
+        for codec, group in self._by_codec(pendings, lambda p: p.layer):
             for pending, grad in zip(group, codec.finish_all(group, self.comm)):
                 self._synced.append(pending.layer)
                 self._set_weight_grad(pending.layer, grad)
@@ -170,7 +178,7 @@ class CapturedStrategy(Strategy):
         else:
             # every layer's collective is queued before the first wait, so the link never idles while a rank
             # combines one layer or compresses the next, and a slow peer's lag is waited out once, not per layer
-            self._finish_all([self._launch(layer) for layer in self.plan.apply(self.scheduler.collect())])
+            self._finish_all(self._launch_all(self.plan.apply(self.scheduler.collect())))
         self.rest_sync(self.comm)
         for codec in self.plan.codecs():
             codec.end_step()

@@ -68,6 +68,11 @@ class LayerCodec(abc.ABC):
     def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
         """Wait for the collective and return the layer's mean weight gradient (None: no rows on any rank)."""
 
+    def launch_all(self, layers: Sequence[LayerStep], comm: Comm) -> list[Pending]:
+        """`launch` for several of this codec's layers at once, after backward (the same layers in the same order
+        on every rank): a codec may coalesce their collectives into one."""
+        return [self.launch(layer, comm) for layer in layers]
+
     def finish_all(self, pendings: Sequence[Pending], comm: Comm) -> list[torch.Tensor | None]:
         """`finish` for several of this codec's layers, in launch order (the same layers in the same order on every
         rank): a codec whose decode needs another collective may coalesce those of all the layers into one."""

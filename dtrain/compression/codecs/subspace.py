@@ -48,6 +48,13 @@ def _part(handle: AsyncReduce, offset: int, shape: torch.Size, dtype: torch.dtyp
     return handle.wait()[offset : offset + shape.numel()].view(shape).to(dtype)
 
 
+class _Share:
+    """One layer's P in a coalesced all-reduce, standing in for its own collective in a `Pending`."""
+
+    def __init__(self, part: Callable[[], torch.Tensor]) -> None:
+        self.wait = part
+
+
 class SubspaceCodec(LayerCodec):
     name = "rankdad-allreduce"
 
@@ -91,18 +98,40 @@ class SubspaceCodec(LayerCodec):
             offset += n
         return sums, kept
 
-    def launch(self, layer: LayerStep, comm: Comm) -> Pending:
-        """P_i = M_i Q, and its all-reduce started (the second half of the step waits for it in `finish`)."""
+    def _in_order(self, items: list, layer_of: Callable[[Any], LayerStep]) -> list:
+        """`items` in registration order of their layers, the layout of a coalesced buffer."""
+        return sorted(items, key=lambda item: self._position[layer_of(item).capture.name])
+
+    def _start(self, layer: LayerStep) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """This rank's P_i = M_i Q for one layer, with what `finish_all` needs; None when k = 0."""
         c = layer.capture
         k = self.rank_for(c.in_features, c.out_features, sum(layer.rows), c.name)
         if k == 0:
-            return Pending(layer, None)
+            return None
         a, delta = layer.a.to(c.weight.dtype), layer.delta.to(c.weight.dtype)
         target = self.memory.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
         op = OuterProduct(delta, a) if target is None else Dense(target)
         q = self.memory.start(c.name, c.in_features, k, c.weight)
-        reduce_p = self._reduce(comm, op.mm(q), f"{c.name}/P")
-        return Pending(layer, reduce_p, {"k": k, "op": op, "target": target})
+        return {"k": k, "op": op, "target": target}, op.mm(q)
+
+    def launch(self, layer: LayerStep, comm: Comm) -> Pending:
+        """P_i = M_i Q, and its all-reduce started (the second half of the step waits for it in `finish`)."""
+        started = self._start(layer)
+        if started is None:
+            return Pending(layer, None)
+        data, p_mine = started
+        return Pending(layer, self._reduce(comm, p_mine, f"{layer.capture.name}/P"), data)
+
+    def launch_all(self, layers: Sequence[LayerStep], comm: Comm) -> list[Pending]:
+        """After backward (comm.overlap off): every layer's P_i in ONE all-reduce, in registration order."""
+        started = {id(layer): self._start(layer) for layer in layers}
+        live = self._in_order([la for la in layers if started[id(la)] is not None], lambda la: la)
+        sums: dict[int, _Share] = {}
+        if live:
+            names = [f"{la.capture.name}/P" for la in live]
+            parts, _ = self._reduce_all(comm, [started[id(la)][1] for la in live], names, keep_mine=False)
+            sums = {id(la): _Share(part) for la, part in zip(live, parts)}
+        return [Pending(la, sums[id(la)], started[id(la)][0]) if id(la) in sums else Pending(la, None) for la in layers]
 
     def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
         return self.finish_all([pending], comm)[0]
@@ -113,7 +142,7 @@ class SubspaceCodec(LayerCodec):
         with power_iters > 1, every later P too): one round trip for the Q phase, not one per layer."""
         # coalesced in registration order whatever the launch order (overlap launches in reverse): the buffer's
         # layout decides how the ring chunks and sums it, so it must not depend on timing or on comm.overlap
-        live = sorted((p for p in pendings if p.gather is not None), key=lambda p: self._position[p.layer.capture.name])
+        live = self._in_order([p for p in pendings if p.gather is not None], lambda p: p.layer)
         grads: dict[int, torch.Tensor] = {}
         if live:
             ef = any(p.data["target"] is not None for p in live)
