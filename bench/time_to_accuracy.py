@@ -278,10 +278,16 @@ def main() -> None:
                 "",
                 *verdicts,
                 "",
-                f"Communication efficiency ({args.eff_steps}-step runs, first 2 steps dropped, {args.rate}):",
-                "",
-                eff_table,
-                "",
+                *(
+                    [
+                        f"Communication efficiency ({args.eff_steps}-step runs, first 2 steps dropped, {args.rate}):",
+                        "",
+                        eff_table,
+                        "",
+                    ]
+                    if eff_rows
+                    else []
+                ),
             ]
         )
         write_section(args.docs, text)
