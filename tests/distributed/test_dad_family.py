@@ -36,6 +36,12 @@ SUITE = {
     "rankdad-twoway-fp8": (dict(strategy="rankdad", rank=2, rankdad_mode="twoway", factor_dtype="fp8"), 1),
     # the all-reduce form: k = min(in, out) spans the whole gradient, so one power iteration is exact
     "rankdad-allreduce-exact": (dict(strategy="rankdad", rank=32, rankdad_mode="allreduce"), 1),
+    # without overlap every layer's P, then every Q, goes in one coalesced all-reduce (2 power iterations: the
+    # second P too)
+    "rankdad-allreduce-exact-nooverlap": (
+        dict(strategy="rankdad", rank=32, rankdad_mode="allreduce", overlap=False, power_iters=2),
+        1,
+    ),
     "rankdad-allreduce-ef": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce"), STEPS),
     "rankdad-allreduce-noef": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", error_feedback=False), STEPS),
     "rankdad-allreduce-rest16": (
@@ -116,7 +122,16 @@ WORLDS = pytest.mark.parametrize("world", [2, 4], ids=lambda w: f"world{w}")
 
 
 @WORLDS
-@pytest.mark.parametrize("config", ["dad", "rankdad-oneway-exact", "rankdad-twoway-exact", "rankdad-allreduce-exact"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "dad",
+        "rankdad-oneway-exact",
+        "rankdad-twoway-exact",
+        "rankdad-allreduce-exact",
+        "rankdad-allreduce-exact-nooverlap",
+    ],
+)
 def test_first_step_gradient_equals_the_global_batch_oracle(world, config):
     oracle = oracle_grads(GLOBAL_BATCH)
     tolerance = 1e-5 if config == "dad" else 1e-4
