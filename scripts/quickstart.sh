@@ -7,7 +7,7 @@ BIN=${VENV:-.venv}/bin
 OUT=runs/quickstart
 export DS_ACCELERATOR=cpu
 # rank-dAD at k 4 with 16-bit factors and rest: on this model 9.0x fewer wire bytes than fp32 ring all-reduce at
-# -1.3 points (2 seeds), where the config's k 2 with fp32 factors gives 7.5x at -4.0 points (README, Bytes)
+# -1.3 points (2 seeds), where the config's k 2 with fp32 factors gives 7.5x at -3.9 points (README, Bytes)
 RANKDAD="comm.rank=4 comm.factor_dtype=bf16 comm.rest_dtype=bf16"
 for strategy in allreduce rankdad; do
   extra=""
