@@ -52,14 +52,6 @@ TTA_VARIANTS: dict[str, list[str]] = {
         "comm.factor_dtype=bf16",
         "comm.rest_dtype=bf16",
     ],
-    "rankdad-allreduce-k4-bf16-rest16-nooverlap": [
-        "comm.strategy=rankdad",
-        "comm.rankdad_mode=allreduce",
-        "comm.rank=4",
-        "comm.factor_dtype=bf16",
-        "comm.rest_dtype=bf16",
-        "comm.overlap=false",
-    ],
     "rankdad-k2-bf16-rest16-pi2": [
         "comm.strategy=rankdad",
         "comm.rank=2",
@@ -87,6 +79,11 @@ EFF_VARIANTS: dict[str, list[str]] = {
         "comm.overlap=true",
     ],
 }
+# the all-reduce form with every layer's P, then Q, in one all-reduce each (docs/dad.md)
+TTA_VARIANTS["rankdad-allreduce-k4-bf16-rest16-nooverlap"] = [
+    *TTA_VARIANTS["rankdad-allreduce-k4-bf16-rest16"],
+    "comm.overlap=false",
+]
 TINY = {"config": "tests/configs/tiny.yaml", "set": ["train.steps=4", "eval.every=2"], "target": 0.0}
 
 

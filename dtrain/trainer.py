@@ -149,7 +149,7 @@ def evaluate(model: torch.nn.Module, task, cfg: Config, env: DistEnv) -> EvalRes
         iters = example_iterations(model)
         adaptive = iters is not None
         # on the host, from the batch as built
-        token_difficulty = task.token_difficulty(b.tokens) if hasattr(task, "token_difficulty") else None
+        token_difficulty = task.token_difficulty(b.tokens)
         tok_iters = token_iterations(model) if token_difficulty is not None else None
         # integers and float32 values, exact in float64: the same figures as read one by one
         parts = [loss.double().reshape(1), ex_hits.double(), ex_valid.double()]

@@ -34,14 +34,19 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens.masked_fill(~mask, 0), mask
 
 
+def _fixed_point(model, tokens: torch.Tensor, mask: torch.Tensor):
+    """The first block's attention, its input X and its fixed point Z* (no grad)."""
+    block = model.blocks[0]
+    with torch.no_grad():
+        x = block.ln_attn(model.embed(tokens) + model.pos(torch.arange(SPEC.seq_len)))
+        z_star = block.attn(x, mask) + x
+    return block.attn, x, z_star
+
+
 def _exact_penalty(model) -> float:
     """‖∂U/∂Z‖²_F over the real tokens' rows and columns, per (real token x d_model), from the dense Jacobian."""
     tokens, mask = _inputs()
-    block = model.blocks[0]
-    attn = block.attn
-    with torch.no_grad():
-        x = block.ln_attn(model.embed(tokens) + model.pos(torch.arange(SPEC.seq_len)))
-        z_star = attn(x, mask) + x
+    attn, x, z_star = _fixed_point(model, tokens, mask)
     v = split_heads(attn.v(x), attn.n_heads).detach()
     maps = attn._frozen_maps(attn._loop_weights(), attn._scale())
     bias = key_padding_bias(mask, x.dtype)
@@ -75,11 +80,7 @@ def test_the_penalty_gradient_matches_finite_differences():
     point as a constant, as Bai et al. do), the penalty is a smooth function of the parameters."""
     model = _model()
     tokens, mask = _inputs()
-    block = model.blocks[0]
-    attn = block.attn
-    with torch.no_grad():
-        x = block.ln_attn(model.embed(tokens) + model.pos(torch.arange(SPEC.seq_len)))
-        z_star = attn(x, mask) + x
+    attn, x, z_star = _fixed_point(model, tokens, mask)
     bias = key_padding_bias(mask, x.dtype)
     params = [attn.q.weight, attn.k.weight, attn.o.weight, attn.v.weight, attn.q.bias]
     direction = [torch.randn_like(p) for p in params]

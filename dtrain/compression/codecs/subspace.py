@@ -145,13 +145,12 @@ class SubspaceCodec(LayerCodec):
         live = self._in_order([p for p in pendings if p.gather is not None], lambda p: p.layer)
         grads: dict[int, torch.Tensor] = {}
         if live:
-            ef = any(p.data["target"] is not None for p in live)
             p_sums: list[Callable[[], torch.Tensor]] = [p.gather.wait for p in live]
             for iteration in range(self.options.power_iters):
                 p_hats = [orthonormalize(s().to(p.layer.capture.weight.dtype)) for s, p in zip(p_sums, live)]
                 q_mine = [p.data["op"].rmm(p_hat) for p, p_hat in zip(live, p_hats)]
                 q_names = [f"{p.layer.capture.name}/Q" for p in live]
-                q_sums, q_sent = self._reduce_all(comm, q_mine, q_names, keep_mine=ef)
+                q_sums, q_sent = self._reduce_all(comm, q_mine, q_names, keep_mine=self.options.error_feedback)
                 qs = [s() for s in q_sums]
                 if iteration + 1 < self.options.power_iters:
                     p_next = [p.data["op"].mm(q) for p, q in zip(live, qs)]
