@@ -30,39 +30,48 @@ from dtrain.optim import build_optimizer
 from dtrain.trainer import loss_fn
 
 SECTION = "## FPSA step time vs vanilla (issue 9)"
+SECTION_TRAINED = "## FPSA step time vs vanilla at a trained checkpoint (issue 16)"
 TARGET = 1.6
 
 
-def make(config: str, overrides: list[str], device: torch.device = CPU) -> tuple[Any, Any, Any, Any]:
+def make(
+    config: str, overrides: list[str], device: torch.device = CPU, state: dict | None = None
+) -> tuple[Any, Any, Any, Any]:
     cfg = load_config(ROOT / config, overrides)
     task = build_task(cfg.data)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, task.spec).to(device)
+    model = build_model(cfg, task.spec)
+    if state is not None:  # vanilla and FPSA attention have the same parameters, so one checkpoint fits both
+        model.load_state_dict(state)
+    model = model.to(device)
     return cfg, task, model, build_optimizer(cfg.train, model)
 
 
 def make_variants(
-    config: str, sets: list[str], backwards: list[str], iters: list[int], device: torch.device = CPU
+    config: str,
+    sets: list[str],
+    backwards: list[str],
+    iters: list[int] | None,
+    device: torch.device = CPU,
+    state: dict | None = None,
 ) -> dict[str, tuple]:
     """The vanilla model, then one FPSA model per (backward spec, forced iteration count n): name -> `make`'s tuple.
-    A backward spec is an `fpsa.backward` mode, optionally with extra fpsa keys: implicit:fpsa.adj_max_iter=6."""
-    variants: dict[str, tuple] = {"vanilla": make(config, [*sets, "model.attention=vanilla"], device)}
+    A backward spec is an `fpsa.backward` mode, optionally with extra fpsa keys: implicit:fpsa.adj_max_iter=6.
+    `iters` None: one FPSA model per spec, the solver stopping at the config's own fpsa.tol (from `state`, a
+    trained checkpoint, that is the iteration count training really pays)."""
+    variants: dict[str, tuple] = {"vanilla": make(config, [*sets, "model.attention=vanilla"], device, state)}
     for spec in backwards:
         backward, _, extra = spec.partition(":")
         extra_sets = [e for e in extra.split(",") if e]
         tag = f" ({', '.join(e.replace('fpsa.', '') for e in extra_sets)})" if extra_sets else ""
-        for n in iters:
-            variants[f"fpsa {backward} n={n}{tag}"] = make(
+        forced = [[f"fpsa.max_iter={n}", "fpsa.tol=1e-30"] for n in iters] if iters else [[]]
+        for force in forced:
+            label = f" n={force[0].split('=')[1]}" if force else ""
+            variants[f"fpsa {backward}{label}{tag}"] = make(
                 config,
-                [
-                    *sets,
-                    "model.attention=fpsa",
-                    f"fpsa.backward={backward}",
-                    f"fpsa.max_iter={n}",
-                    "fpsa.tol=1e-30",
-                    *extra_sets,
-                ],
+                [*sets, "model.attention=fpsa", f"fpsa.backward={backward}", *force, *extra_sets],
                 device,
+                state,
             )
     return variants
 
@@ -107,6 +116,12 @@ def main() -> None:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     ap.add_argument("--iters", nargs="+", type=int, default=[3, 4, 6], help="forced FPSA iteration counts")
     ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a run directory: its config.yaml and model.pt for every model, and the solver stops at the run's "
+        "own fpsa.tol instead of a forced count (the iterations a trained model needs)",
+    )
+    ap.add_argument(
         "--backwards",
         nargs="+",
         default=["phantom", "implicit", "implicit:fpsa.adj_max_iter=6"],
@@ -128,7 +143,11 @@ def main() -> None:
         args.config, args.repeats, args.iters, args.backwards = "tests/configs/tiny.yaml", 2, [3], ["phantom"]
     torch.set_num_threads(args.threads)
 
-    variants = make_variants(args.config, args.set, args.backwards, args.iters)
+    state = None
+    if args.checkpoint:
+        args.config = str(args.checkpoint / "config.yaml")
+        state = torch.load(args.checkpoint / "model.pt", map_location="cpu", weights_only=True)
+    variants = make_variants(args.config, args.set, args.backwards, None if state else args.iters, state=state)
     cfg0, task0 = variants["vanilla"][0], variants["vanilla"][1]
     batch_size = args.batch or max(1, cfg0.train.batch_size // 2)
     batches = [task0.batch("train", i * batch_size, batch_size) for i in range(4)]
@@ -166,15 +185,21 @@ def main() -> None:
         print(f"profile of 2 steps of {name}:\n{prof_text}")
 
     if args.docs:
-        m = cfg0.model
+        m, f = cfg0.model, cfg0.fpsa
+        solver = (
+            f"the weights of `{args.checkpoint}/model.pt`; the solver stops at the run's own fpsa.tol {f.tol:g} "
+            f"(max_iter {f.max_iter}, damping {f.damping:g}, jac_reg {f.jac_reg:g}), the implicit adjoint at "
+            f"adj_tol {f.adj_tol:g}"
+            if args.checkpoint
+            else "the solver is forced to run exactly n iterations (`fpsa.tol=1e-30`)"
+        )
         write_result(
             args.docs,
-            SECTION,
+            SECTION_TRAINED if args.checkpoint else SECTION,
             f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), "
             f"{batch_size} examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + "
-            f"backward + AdamW, one process, {args.threads} thread(s); the solver is forced to run exactly n "
-            "iterations (`fpsa.tol=1e-30`). All variants interleaved in rotating order, "
-            f"{args.repeats} rounds after 2 warm-up rounds.",
+            f"backward + AdamW, one process, {args.threads} thread(s); {solver}. All variants interleaved in "
+            f"rotating order, {args.repeats} rounds after 2 warm-up rounds.",
             loads,
             table,
         )

@@ -72,8 +72,13 @@ def test_fpsa_gradient_check_and_adaptivity_on_a_tiny_checkpoint(monkeypatch, ca
     assert "| implicit vs exact fixed point |" in capsys.readouterr().out
     _run_main("fpsa_adaptivity", [str(tmp_path), "--boot", "20", "--docs", str(docs)], monkeypatch)
     assert "| iterations ~ difficulty + position |" in capsys.readouterr().out
+    # the step time at the checkpoint: the run's own tol, so the solve stops on its own (not at a forced count)
+    _run_main("fpsa_step_time", ["--checkpoint", str(tmp_path), "--repeats", "1", "--docs", str(docs)], monkeypatch)
+    out = capsys.readouterr().out
+    assert "| fpsa implicit |" in out and "n=" not in out
     text = docs.read_text()
     assert "## FPSA implicit vs BPTT gradient" in text and "## FPSA iterations vs per-token difficulty" in text
+    assert "## FPSA step time vs vanilla at a trained checkpoint" in text and "fpsa.tol 1e-06" in text
 
     # the bench's plain slope is the trainer's val/fpsa_token_iters_slope: one difficulty, one set of iterations
     from bench.fpsa_adaptivity import slopes, token_rows
