@@ -241,10 +241,11 @@ class CommConfig(_Section):
     strategy: Literal[STRATEGY_NAMES] = "allreduce"  # type: ignore[valid-type]
     rank: int = Field(4, ge=1, description="compression rank (powersgd, ddp-powersgd, rankdad)")
     power_iters: int = Field(1, ge=1, le=1000, description="subspace iterations per step (rankdad)")
-    rankdad_mode: Literal["oneway", "twoway", "allreduce"] = Field(
+    rankdad_mode: Literal["oneway", "twoway", "allreduce", "alternating"] = Field(
         "oneway",
         description="rankdad: oneway/twoway all-gather each rank's factors (one round trip; wire bytes grow as "
-        "(S-1) x payload); allreduce finds the summed gradient's subspace with two all-reduces (2(S-1)/S x payload)",
+        "(S-1) x payload); allreduce finds the summed gradient's subspace with two all-reduces (2(S-1)/S x payload); "
+        "alternating all-reduces P and Q on alternate steps (one all-reduce, about half the bytes of allreduce)",
     )
     spectrum_every: int = Field(
         10,

@@ -257,7 +257,7 @@ def build_dad(options: Any, group: dist.ProcessGroup | None = None) -> CapturedS
 def build_rankdad(options: Any, group: dist.ProcessGroup | None = None) -> CapturedStrategy:
     """`rankdad`: every captured layer sends k low-rank factors of its Δᵀ A (all-gathered, `oneway`/`twoway`),
     or finds the summed gradient's subspace by all-reduce (`allreduce`). Lossy."""
-    codec = SubspaceCodec if options.rankdad_mode == "allreduce" else FactorsCodec
+    codec = SubspaceCodec if options.rankdad_mode in ("allreduce", "alternating") else FactorsCodec
     if options.budget_bytes is None and options.budget_ms is None:
         return CapturedStrategy("rankdad", options, group, lambda s: FixedPlan(codec(options)))
     return CapturedStrategy(

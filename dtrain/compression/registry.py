@@ -44,13 +44,25 @@ def _budget_rule(o: Any) -> None:
 _GATHER_ONLY_FORMATS = ("int8", "fp8")
 
 
+def _alternating_rule(o: Any) -> None:
+    if o.rankdad_mode == "alternating" and (o.power_iters != 1 or not o.warm_start):
+        raise ValueError(
+            f"comm.rankdad_mode='alternating' with comm.power_iters={o.power_iters} and comm.warm_start="
+            f"{o.warm_start}: it does half a power iteration per step from the last step's factor, so it needs "
+            "comm.power_iters=1 and comm.warm_start=true"
+        )
+
+
 def _summed_factors_rule(strategy: str):
     def rule(o: Any) -> None:
         if strategy == "rankdad":
             _budget_rule(o)
-        summed = strategy == "powersgd" or getattr(o, "rankdad_mode", None) == "allreduce"
+        mode = getattr(o, "rankdad_mode", None)
+        if mode is not None:
+            _alternating_rule(o)
+        summed = strategy == "powersgd" or mode in ("allreduce", "alternating")
         if summed and o.factor_dtype in _GATHER_ONLY_FORMATS:
-            what = "comm.strategy='powersgd'" if strategy == "powersgd" else "comm.rankdad_mode='allreduce'"
+            what = "comm.strategy='powersgd'" if strategy == "powersgd" else f"comm.rankdad_mode={mode!r}"
             raise ValueError(
                 f"comm.factor_dtype={o.factor_dtype!r} with {what}: its factors are summed by all-reduce, and a sum "
                 "of 8-bit values with per-rank scales overflows; use bf16/fp16 there, or int8/fp8 with "
@@ -134,6 +146,7 @@ STRATEGIES: dict[str, StrategySpec] = {
             False,
             "per Linear layer the cheapest of all-reduce, dad and rankdad's two forms (wire bytes, or time on a link)",
             (*_RANKDAD, "min_compression_rate", "link_rate", "link_latency_us"),
+            _alternating_rule,
         ),
     )
 }

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtrain.compression import build_strategy
+from dtrain.compression.lowrank import orthonormalize, random_start
 from dtrain.config import CommConfig
 from dtrain.metrics import RANKDAD_EFF_RANK, RANKDAD_PREFIX, RANKDAD_SIGMA
 from tests.helpers.models import TOY_LAYERS as LAYERS
@@ -49,6 +50,12 @@ SUITE = {
         STEPS,
     ),
     "rankdad-allreduce-fp16": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", factor_dtype="fp16"), 1),
+    # the alternating all-reduce form: P on even steps, Q on odd ones (one all-reduce per step)
+    "rankdad-alternating-ef": (dict(strategy="rankdad", rank=2, rankdad_mode="alternating"), STEPS),
+    "rankdad-alternating-noef": (
+        dict(strategy="rankdad", rank=2, rankdad_mode="alternating", error_feedback=False, overlap=False),
+        1,
+    ),
     "auto": (dict(strategy="auto", rank=2), STEPS),
 }
 # one scenario per mode: a single step at each k, read together by one test
@@ -175,9 +182,28 @@ def test_rankdad_error_falls_as_k_grows(world, mode):
 
 
 @WORLDS
+def test_alternating_first_step_is_the_global_gradient_on_the_seeded_subspace(world):
+    """Step 0 is a P step from the seeded Gaussian start (the same at every world size): G = M Q̂ Q̂ᵀ with M the
+    global-batch gradient, Q̂ = orth(start): one all-reduce of M_i Q̂ gives it exactly."""
+    oracle = oracle_grads(GLOBAL_BATCH)
+    for rank, res in enumerate(_run("rankdad-alternating-noef", world)):
+        for index, layer in enumerate(LAYERS):
+            m = oracle[f"{layer}.weight"]
+            q_hat = orthonormalize(random_start(m.shape[1], 2, index, m))
+            assert rel(res["grads"][f"{layer}.weight"], m @ q_hat @ q_hat.T) < 1e-5, (rank, layer)
+
+
+@WORLDS
 @pytest.mark.parametrize(
     "config",
-    ["rankdad-oneway-fp16", "rankdad-twoway-fp16", "rankdad-oneway-int8", "rankdad-twoway-fp8", "rankdad-allreduce-ef"],
+    [
+        "rankdad-oneway-fp16",
+        "rankdad-twoway-fp16",
+        "rankdad-oneway-int8",
+        "rankdad-twoway-fp8",
+        "rankdad-allreduce-ef",
+        "rankdad-alternating-ef",
+    ],
 )
 def test_error_feedback_residuals_hold_exactly_what_the_delivered_gradient_misses(world, config):
     """mean_i (G_i + 0 − E_i) = delivered: with fp16 factors for the all-gather forms (the residual must use the

@@ -11,7 +11,9 @@ from dtrain.compression.capture import LinearCapture
 from dtrain.compression.codecs.base import LayerStep
 from dtrain.compression.codecs.factors import FactorsCodec
 from dtrain.compression.codecs.rows import RowsCodec
+from dtrain.compression.codecs.subspace import SubspaceCodec
 from dtrain.compression.comm import Comm
+from dtrain.compression.lowrank import orthonormalize
 from dtrain.config import CommConfig
 
 IN, OUT, ROWS = 7, 5, 9
@@ -64,3 +66,61 @@ def test_factors_error_feedback_adds_up_over_steps():
     residual = codec.memory.residuals.get("layer").double()
     torch.testing.assert_close(total_delivered + residual, total_grad, rtol=0, atol=1e-4)
     assert residual.abs().max() > 1e-3  # rank 1 < rank of the gradient: something was left over
+
+
+def _alternating(**options) -> SubspaceCodec:
+    codec = SubspaceCodec(CommConfig(strategy="rankdad", rankdad_mode="alternating", **options).options())
+    codec.bind(["layer"])
+    return codec
+
+
+def test_alternating_projects_on_the_last_step_subspace_one_side_per_step():
+    """Even steps: G = M Q̂ Q̂ᵀ with Q̂ = orth(last Q), only P (out x k) sent; odd steps: G = P̂ P̂ᵀ M with P̂ = orth(the
+    P just sent), only Q (in x k) sent; the cost model's bytes are the mean of the two."""
+    codec, comm = _alternating(rank=2, error_feedback=False), Comm()
+    sent = []
+    for step in range(4):
+        layer = _layer(seed=step)
+        m = layer.delta.T @ layer.a
+        last = codec.memory.starts.get("layer")
+        pending = codec.launch(layer, comm)
+        basis = pending.data["basis"]
+        grad = codec.finish(pending, comm)
+        codec.end_step()
+        sent.append(comm.reset().bytes_sent)
+        if step % 2 == 0:
+            torch.testing.assert_close(grad, m @ basis @ basis.T, rtol=1e-5, atol=1e-5)
+            if last is not None:  # the basis is the Q the previous step all-reduced, orthonormalised
+                torch.testing.assert_close(basis @ basis.T, orthonormalize(last) @ orthonormalize(last).T)
+        else:
+            torch.testing.assert_close(basis, orthonormalize(last))  # the P of the step before
+            torch.testing.assert_close(grad, basis @ basis.T @ m, rtol=1e-5, atol=1e-5)
+    assert sent == [OUT * 2 * 4, IN * 2 * 4] * 2
+    assert sum(sent) / len(sent) == codec.wire_bytes(IN, OUT, ROWS, world_size=2)
+
+
+def test_alternating_on_a_fixed_gradient_converges_to_its_best_rank_k_approximation():
+    """Half a power iteration per step is still the power iteration: on the same M every step, G → M_k."""
+    codec, comm = _alternating(rank=2, error_feedback=False), Comm()
+    layer = _layer()
+    m = layer.delta.T @ layer.a
+    u, s, vh = torch.linalg.svd(m)
+    best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
+    for _ in range(60):
+        grad = codec.finish(codec.launch(layer, comm), comm)
+        codec.end_step()
+    assert (grad - best).norm() / m.norm() < 1e-4
+
+
+def test_alternating_error_feedback_adds_up_over_steps():
+    codec, comm = _alternating(rank=1, factor_dtype="bf16"), Comm()
+    total_grad = torch.zeros(OUT, IN, dtype=torch.float64)
+    total_delivered = torch.zeros_like(total_grad)
+    for step in range(5):
+        layer = _layer(seed=step)
+        total_grad += (layer.delta.T @ layer.a).double()
+        total_delivered += codec.finish(codec.launch(layer, comm), comm).double()
+        codec.end_step()
+    residual = codec.memory.residuals.get("layer").double()
+    torch.testing.assert_close(total_delivered + residual, total_grad, rtol=0, atol=1e-4)
+    assert residual.abs().max() > 1e-3

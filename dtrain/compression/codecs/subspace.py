@@ -1,4 +1,4 @@
-"""`SubspaceCodec`: rank-dAD's all-reduce form (`comm.rankdad_mode: allreduce`). Lossy.
+"""`SubspaceCodec`: rank-dAD's all-reduce forms (`comm.rankdad_mode: allreduce` and `alternating`). Lossy.
 
 The all-gather forms (`FactorsCodec`) send each rank's own factors, so every rank receives (S−1) × payload and the
 wire bytes grow with the world size. This form finds the subspace of the SUMMED gradient M = Σ_i M_i jointly, with
@@ -18,6 +18,14 @@ start within the step). k = min(comm.rank, in, out, Σ_i rows_i): the summed gra
 This is PowerSGD's power step, computed from dAD's captured factors: without error feedback no rank ever forms an
 out × in matrix, and the bytes are k(in+out) per layer and iteration, at 2(S−1)/S on the wire. The price against
 the all-gather forms is one more round trip per layer (the second all-reduce waits for the first).
+
+`alternating` does half of that power step per step, one all-reduce instead of two: on even steps
+P = Σ_i M_i Q̂ with Q̂ = orth(the last Q), G = P Q̂ᵀ / S; on odd steps Q = Σ_i M_iᵀ P̂ with P̂ = orth(the last P),
+G = P̂ Qᵀ / S. Each step's G is the summed gradient projected on the subspace the previous step found (the power
+iteration runs across steps, as PowerSGD's warm start already makes it), so a step costs k·out or k·in elements
+instead of k(in+out) and one round trip instead of two; error feedback keeps what the stale subspace misses.
+Needs `warm_start` and one power iteration. The side follows the step's parity (the same on every rank) and
+falls back to a P step when the last P is missing (the first step, a changed k).
 
 Error feedback (`error_feedback`, `memory.ErrorFeedback`): rank i delivered P̂ Q_iᵀ of its compensated M_i + E_i,
 so its residual is M_i + E_i − P̂ Q_iᵀ (exact, since Σ_i P̂ Q_iᵀ / S = G); this needs the dense M_i + E_i, as in the
@@ -61,7 +69,8 @@ class SubspaceCodec(LayerCodec):
     def __init__(self, options: Any) -> None:
         self.options = options
         self.factor_dtype = wire_dtype(options.factor_dtype)
-        self.memory = FactorMemory(options, prefix="subspace_", codec="rankdad (allreduce mode)")
+        self.alternating = options.rankdad_mode == "alternating"
+        self.memory = FactorMemory(options, prefix="subspace_", codec=f"rankdad ({options.rankdad_mode} mode)")
 
     def bind(self, layer_names: list[str]) -> None:
         self.memory.bind(layer_names)
@@ -72,10 +81,14 @@ class SubspaceCodec(LayerCodec):
         or the layer's rank from a budget."""
         return self.memory.ranks.rank(name, in_features, out_features, rows)
 
-    def _reduce(self, comm: Comm, t: torch.Tensor, name: str) -> AsyncReduce:
-        """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back."""
+    def _reduce(
+        self, comm: Comm, t: torch.Tensor, name: str, keep_mine: bool
+    ) -> tuple[AsyncReduce, torch.Tensor | None]:
+        """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back. With `keep_mine`, also `t`
+        as cast for the wire, in its own dtype (what this rank contributed: error feedback's delivered share)."""
         sent = t.to(self.factor_dtype)
-        return comm.all_reduce_async(sent.clone() if sent is t else sent, name)
+        mine = (sent.to(t.dtype) if sent is not t else t.clone()) if keep_mine else None
+        return comm.all_reduce_async(sent.clone() if sent is t else sent, name), mine
 
     def _reduce_all(
         self, comm: Comm, tensors: list[torch.Tensor], names: list[str], keep_mine: bool
@@ -103,7 +116,8 @@ class SubspaceCodec(LayerCodec):
         return sorted(items, key=lambda item: self._position[layer_of(item).capture.name])
 
     def _start(self, layer: LayerStep) -> tuple[dict[str, Any], torch.Tensor] | None:
-        """This rank's P_i = M_i Q for one layer, with what `finish_all` needs; None when k = 0."""
+        """This rank's first factor for one layer, with what `finish_all` needs; None when k = 0: P_i = M_i Q,
+        or in alternating mode P_i = M_i Q̂ (a P step) or Q_i = M_iᵀ P̂ (a Q step), the basis in `data`."""
         c = layer.capture
         k = self.rank_for(c.in_features, c.out_features, sum(layer.rows), c.name)
         if k == 0:
@@ -111,16 +125,27 @@ class SubspaceCodec(LayerCodec):
         a, delta = layer.a.to(c.weight.dtype), layer.delta.to(c.weight.dtype)
         target = self.memory.residuals.compensate_product(c.name, delta.T, a) if self.options.error_feedback else None
         op = OuterProduct(delta, a) if target is None else Dense(target)
+        data = {"k": k, "op": op, "target": target}
+        if self.alternating:
+            last = self.memory.starts.get(c.name)
+            if self.memory.step % 2 == 1 and last is not None and last.shape == (c.out_features, k):
+                p_hat = orthonormalize(last.to(c.weight))
+                return {**data, "side": "Q", "basis": p_hat}, op.rmm(p_hat)
+            q_hat = orthonormalize(self.memory.start(c.name, c.in_features, k, c.weight))
+            return {**data, "side": "P", "basis": q_hat}, op.mm(q_hat)
         q = self.memory.start(c.name, c.in_features, k, c.weight)
-        return {"k": k, "op": op, "target": target}, op.mm(q)
+        return data, op.mm(q)
 
     def launch(self, layer: LayerStep, comm: Comm) -> Pending:
         """P_i = M_i Q, and its all-reduce started (the second half of the step waits for it in `finish`)."""
         started = self._start(layer)
         if started is None:
             return Pending(layer, None)
-        data, p_mine = started
-        return Pending(layer, self._reduce(comm, p_mine, f"{layer.capture.name}/P"), data)
+        data, mine = started
+        side = data.get("side", "P")
+        keep = self.alternating and self.options.error_feedback
+        handle, data["sent"] = self._reduce(comm, mine, f"{layer.capture.name}/{side}", keep)
+        return Pending(layer, handle, data)
 
     def launch_all(self, layers: Sequence[LayerStep], comm: Comm) -> list[Pending]:
         """After backward (comm.overlap off): every layer's P_i in ONE all-reduce, in registration order."""
@@ -128,9 +153,12 @@ class SubspaceCodec(LayerCodec):
         live = self._in_order([la for la in layers if started[id(la)] is not None], lambda la: la)
         sums: dict[int, _Share] = {}
         if live:
-            names = [f"{la.capture.name}/P" for la in live]
-            parts, _ = self._reduce_all(comm, [started[id(la)][1] for la in live], names, keep_mine=False)
+            names = [f"{la.capture.name}/{started[id(la)][0].get('side', 'P')}" for la in live]
+            keep = self.alternating and self.options.error_feedback
+            parts, sent = self._reduce_all(comm, [started[id(la)][1] for la in live], names, keep_mine=keep)
             sums = {id(la): _Share(part) for la, part in zip(live, parts)}
+            for la, mine in zip(live, sent):
+                started[id(la)][0]["sent"] = mine
         return [Pending(la, sums[id(la)], started[id(la)][0]) if id(la) in sums else Pending(la, None) for la in layers]
 
     def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
@@ -144,7 +172,10 @@ class SubspaceCodec(LayerCodec):
         # layout decides how the ring chunks and sums it, so it must not depend on timing or on comm.overlap
         live = self._in_order([p for p in pendings if p.gather is not None], lambda p: p.layer)
         grads: dict[int, torch.Tensor] = {}
-        if live:
+        if live and self.alternating:  # one all-reduce per step: each layer's sum is its decoded gradient's factor
+            for p in live:
+                grads[id(p)] = self._decoded_alternating(p, p.gather.wait().to(p.layer.capture.weight.dtype), comm)
+        elif live:
             p_sums: list[Callable[[], torch.Tensor]] = [p.gather.wait for p in live]
             for iteration in range(self.options.power_iters):
                 p_hats = [orthonormalize(s().to(p.layer.capture.weight.dtype)) for s, p in zip(p_sums, live)]
@@ -163,12 +194,33 @@ class SubspaceCodec(LayerCodec):
         self, pending: Pending, p_hat: torch.Tensor, q: torch.Tensor, q_sent: torch.Tensor | None, comm: Comm
     ) -> torch.Tensor:
         """G = P̂ Qᵀ / S for one layer, with its spectrum, warm start and residual bookkeeping."""
+        grad = p_hat @ (q / comm.world_size).T
+        return self._record(pending, grad, q, (p_hat, q_sent), comm)
+
+    def _decoded_alternating(self, pending: Pending, summed: torch.Tensor, comm: Comm) -> torch.Tensor:
+        """A P step's G = P Q̂ᵀ / S or a Q step's G = P̂ Qᵀ / S, from the step's one sum."""
+        data = pending.data
+        basis, sent, S = data["basis"], data["sent"], comm.world_size
+        if data["side"] == "P":
+            return self._record(pending, (summed / S) @ basis.T, summed, (sent, basis), comm)
+        return self._record(pending, basis @ (summed / S).T, summed, (basis, sent), comm)
+
+    def _record(
+        self,
+        pending: Pending,
+        grad: torch.Tensor,
+        summed: torch.Tensor,
+        delivered: tuple[torch.Tensor, torch.Tensor | None],
+        comm: Comm,
+    ) -> torch.Tensor:
+        """The bookkeeping of a decoded G = (an orthonormal basis) x `summed`ᵀ / S: its spectrum, `summed` as the
+        next warm start, and the residual against this rank's delivered share (left @ rightᵀ of `delivered`)."""
         c = pending.layer.capture
         target = pending.data["target"]
-        grad = p_hat @ (q / comm.world_size).T
         every = self.options.spectrum_every
-        if every > 0 and self.memory.step % every == 0 and bool(torch.isfinite(q).all()):
-            sigma = torch.linalg.svdvals(q) / comm.world_size  # σ of P̂ Qᵀ/S: P̂ has orthonormal columns
+        if every > 0 and self.memory.step % every == 0 and bool(torch.isfinite(summed).all()):
+            # σ of G: the other factor has orthonormal columns
+            sigma = torch.linalg.svdvals(summed) / comm.world_size
             self.memory.ranks.observe(c.name, sigma)
             extra = comm.stats.extra
             for j, s in enumerate(sigma.tolist(), start=1):
@@ -180,10 +232,11 @@ class SubspaceCodec(LayerCodec):
         if self.memory.ranks.per_layer:  # ranks from a budget: say which this layer used
             comm.stats.extra[metrics.RANKDAD_K.format(layer=c.name)] = pending.data["k"]
         if self.options.warm_start:
-            self.memory.starts.put(c.name, q)
+            self.memory.starts.put(c.name, summed)
         if target is not None:
-            # rank i delivered P̂ Q_iᵀ (Q_i as cast for the wire): the rest of its compensated gradient stays here
-            self.memory.residuals.update_factored_(c.name, target, p_hat, q_sent)
+            # rank i delivered its own factor as cast for the wire times the basis: the rest of its compensated
+            # gradient stays here
+            self.memory.residuals.update_factored_(c.name, target, *delivered)
         return grad
 
     def wire_bytes(self, in_features: int, out_features: int, rows: int, world_size: int, row_bytes: int = 4) -> float:
@@ -196,10 +249,14 @@ class SubspaceCodec(LayerCodec):
         power iteration."""
         S = world_size
         column = (in_features + out_features) * element_size(self.options.factor_dtype)
+        if self.alternating:  # P (out) and Q (in) on alternate steps: half a power iteration per step on average
+            return (S - 1) / S * column
         return 2.0 * (S - 1) / S * self.options.power_iters * column
 
     def messages(self, world_size: int) -> int:
-        """Two ring all-reduces per power iteration, one after the other, of 2(S−1) steps each."""
+        """Two ring all-reduces per power iteration, one after the other, of 2(S−1) steps each (alternating: one)."""
+        if self.alternating:
+            return 2 * (world_size - 1)
         return self.options.power_iters * 2 * 2 * (world_size - 1)
 
     def rescale_memory(self, ratio: float) -> None:
@@ -221,7 +278,7 @@ class SubspaceCodec(LayerCodec):
             "rank": o.rank,
             "rank_rule": "min(comm.rank, in, out, total rows over ranks)",
             "power_iters": o.power_iters,
-            "mode": "allreduce",
+            "mode": o.rankdad_mode if self.alternating else "allreduce",
             "error_feedback": o.error_feedback,
             "warm_start": o.warm_start,
             "factor_dtype": o.factor_dtype,
