@@ -13,25 +13,36 @@ pieces of bench/self_vs_vanilla.py (its run_config, check_same_start, train_and_
 All three start from identical initial parameters (checked), see the same batches for the same steps and are
 evaluated on the same held-out set. S5 and A5 use sinusoidal positions (model.positions=sinusoidal) in all three
 models, so the same trained models are also evaluated at twice the training length; the other tasks keep learned
-positions. Each run keeps its directory under --out (TASK/MODEL/ATTENTION-sSEED) with a result.json; a rerun
+positions. text_mlm is masked-LM on real English text: Debian's license texts (/usr/share/common-licenses), which
+the benchmark copies as .txt under --out itself (`license_corpus`); its accuracy is the held-out masked-token
+accuracy, and the report adds the held-out perplexity and a context-free (unigram) baseline. Each run keeps its
+directory under --out (TASK/MODEL/ATTENTION-sSEED) with a result.json; a rerun
 reuses finished runs (a partial one is redone), and --collect only renders the table from what has finished.
 
     .venv/bin/python -m bench.science_table --docs docs/results_self.md
     .venv/bin/python -m bench.science_table --collect --docs docs/results_self.md
+
+--models trains only some of the three, --n-from names the SELF seeds whose iterations give the control's N
+(default: --seeds; those SELF runs are reused when finished, else trained first). So one process per seed side by
+side: `--tasks text_mlm --seeds 0 --models vanilla self` for each seed, then `--tasks text_mlm --seeds 0 --models
+control --n-from 0 1 2` for each seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
@@ -39,7 +50,8 @@ from bench._common import command_line, load_note, machine, write_section
 from bench.self_vs_vanilla import check_same_start, run_config, train_and_measure
 from dtrain import metrics
 from dtrain.config import Config
-from dtrain.data import Task, build_task
+from dtrain.data import IGNORE, Task, build_task
+from dtrain.data.text import TOKENIZER_FILE
 from dtrain.distributed import DistEnv, init_distributed, shutdown
 from dtrain.metrics import read_metrics
 from dtrain.model import build_model
@@ -74,11 +86,48 @@ SELF_FPSA = [
 CONTROL_TOL = 1e-30  # fpsa.tol must be > 0; no float32 relative residual is below this unless it is exactly 0
 
 
+LICENSES = Path("/usr/share/common-licenses")  # Debian's license texts: the real English text of text_mlm
+
+
+def license_corpus(dest: Path, source: Path = LICENSES) -> Path:
+    """text_mlm's corpus: every file of `source` (links followed) copied byte for byte as NAME.txt into `dest`, with
+    the source's modification time, so a rerun (or a fresh machine) finds the same files and dtrain's cache keys
+    (path, size, mtime) do not change; a .txt in `dest` that `source` lacks is removed. One-line error without it."""
+    files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else []
+    if not files:
+        raise SystemExit(
+            f"text_mlm: {source} is missing or empty (its license texts are this task's corpus; Debian and Ubuntu "
+            "ship them in base-files); run the other tasks with --tasks"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = {f"{p.name}.txt" for p in files}
+    for extra in dest.glob("*.txt"):
+        if extra.name not in wanted:
+            extra.unlink()
+    for src in files:
+        dst = dest / f"{src.name}.txt"
+        data = src.read_bytes()
+        if not dst.is_file() or dst.read_bytes() != data:
+            tmp = dst.with_name(f"{dst.name}.{os.getpid()}.part")  # parallel processes may copy at once
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)
+        stat = src.stat()
+        if dst.stat().st_mtime_ns != stat.st_mtime_ns:
+            os.utime(dst, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return dest
+
+
+def text_mlm_data(out: Path) -> list[str]:
+    """The text task's source, set up under the benchmark's --out."""
+    return [f"data.path={license_corpus(out / 'text_mlm' / 'corpus')}"]
+
+
 @dataclass(frozen=True)
 class TaskSetup:
     sets: list[str]
     steps: int
     lengths: tuple[int, ...] = ()  # evaluation lengths (the first = training length); () = the task's own only
+    data: Callable[[Path], list[str]] | None = None  # more overrides, from the --out directory (a corpus it makes)
 
 
 TASKS: dict[str, TaskSetup] = {
@@ -87,6 +136,19 @@ TASKS: dict[str, TaskSetup] = {
     "parity": TaskSetup(["data.task=parity", "data.seq_len=16"], 400),
     "listops": TaskSetup(["data.task=listops", "data.seq_len=32", "data.max_depth=3"], 300),
     "digits": TaskSetup(["data.task=digits", "data.patch=2", "data.shift=1", "data.n_val=359"], 400),
+    # masked-LM on real English text (license_corpus): byte-level BPE, whose training is deterministic (WordPiece's
+    # breaks ties differently from one training to the next, docs/data.md), blocks of 64 tokens, 15% masked
+    "text_mlm": TaskSetup(
+        [
+            "data.task=text",
+            "data.objective=mlm",
+            "data.tokenizer_kind=bpe",
+            "data.vocab_size=1024",
+            "data.seq_len=64",
+        ],
+        200,
+        data=text_mlm_data,
+    ),
 }
 
 
@@ -156,7 +218,6 @@ def train_one(task_name: str, model: str, seed: int, out: Path, env: DistEnv, st
     """One run, or its result.json when it finished before."""
     setup = TASKS[task_name]
     attention = "vanilla" if model == "vanilla" else "fpsa"
-    overrides = [*COMMON, *setup.sets, f"train.steps={steps}", *model_overrides(model, n_iter)]
     parent = out / task_name / model
     run_dir = parent / f"{attention}-s{seed}"
     done = run_dir / "result.json"
@@ -164,6 +225,8 @@ def train_one(task_name: str, model: str, seed: int, out: Path, env: DistEnv, st
         return json.loads(done.read_text())
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a run that did not finish: redo it
+    data = setup.data(out) if setup.data else []  # only a run to train needs the corpus
+    overrides = [*COMMON, *setup.sets, *data, f"train.steps={steps}", *model_overrides(model, n_iter)]
     cfg = run_config(overrides, attention, seed, parent)
     load_before = os.getloadavg()[0]
     trainer = Trainer(cfg, env)
@@ -196,8 +259,42 @@ def train_one(task_name: str, model: str, seed: int, out: Path, env: DistEnv, st
         "load": [load_before, load_after],
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    summary = json.loads((run_dir / metrics.SUMMARY_FILE).read_text())
+    if metrics.FINAL_VAL_PERPLEXITY in summary:  # masked-LM: exp(mean cross-entropy of the held-out masked tokens)
+        result["perplexity"] = {str(trainer.task.spec.seq_len): summary[metrics.FINAL_VAL_PERPLEXITY]}
+    if cfg.data.task == "text":
+        result["corpus"] = text_corpus_facts(trainer.task, Path(cfg.data.path), run_dir)
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def text_corpus_facts(task: Task, corpus: Path, run_dir: Path) -> dict:
+    """What the text runs trained on, for the report (and to see that every run had the same tokenizer)."""
+    files = sorted(corpus.glob("*.txt"))
+    tokenizer = (run_dir / TOKENIZER_FILE).read_text()
+    return {
+        "files": len(files),
+        "bytes": sum(f.stat().st_size for f in files),
+        "train_blocks": len(task.train.tokens),
+        "val_blocks": task.n_val,
+        "masked_per_block": task.n_masked,
+        "vocab": task.spec.vocab_size,
+        "tokenizer_sha256": hashlib.sha256(tokenizer.encode()).hexdigest(),
+        **dict(zip(("unigram_acc", "unigram_perplexity"), unigram_baseline(task))),
+    }
+
+
+def unigram_baseline(task: Task) -> tuple[float, float]:
+    """What a masked-LM reaches without reading any context: the held-out masked-token accuracy of always
+    predicting the training split's most frequent token, and the perplexity of the training split's unigram
+    distribution (add-one smoothed) on the same held-out targets."""
+    counts = np.bincount(np.asarray(task.train.tokens).ravel(), minlength=task.spec.vocab_size).astype(np.float64)
+    log_p = np.log((counts + 1) / (counts.sum() + len(counts)))
+    targets = np.concatenate(
+        [task.batch("val", s, min(256, task.n_val - s)).targets.numpy().ravel() for s in range(0, task.n_val, 256)]
+    )
+    targets = targets[targets != IGNORE]
+    return float((targets == counts.argmax()).mean()), float(np.exp(-log_p[targets].mean()))
 
 
 def median_step_ms(run_dir: Path) -> float:
@@ -307,6 +404,54 @@ def render_paired(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_perplexity(results: list[dict]) -> str:
+    """The tasks that report a held-out perplexity (masked-LM): per model, mean ± 95% CI over seeds, per seed,
+    and the paired difference against the vanilla run of the same seed; "" when no run has one."""
+    with_ppl = [r for r in results if r.get("perplexity")]
+    if not with_ppl:
+        return ""
+    lines = [
+        "| task | length | model | held-out perplexity, mean ± 95% CI | per seed | − vanilla (paired) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in table_rows(with_ppl):
+        of = {(r["model"], r["seed"]): r["perplexity"].get(row.length) for r in with_ppl if r["task"] == row.task}
+        values = sorted((s, p) for (m, s), p in of.items() if m == row.model and p is not None)
+        mean, half = t_interval([p for _, p in values])
+        paired = ""
+        if row.model != "vanilla":
+            diffs = [p - of[("vanilla", s)] for s, p in values if of.get(("vanilla", s)) is not None]
+            if diffs:
+                d_mean, d_half = t_interval(diffs)
+                paired = f"{d_mean:+.1f} ± {d_half:.1f}" if not math.isnan(d_half) else f"{d_mean:+.1f}"
+        ci = f"{mean:.1f} ± {half:.1f}" if not math.isnan(half) else f"{mean:.1f}"
+        per_seed = " / ".join(f"{p:.1f}" for _, p in values)
+        lines.append(f"| {row.task} | {row.length} | {row.model} | {ci} | {per_seed} | {paired} |")
+    return "\n".join(lines) + "\n"
+
+
+def corpus_note(results: list[dict]) -> str:
+    """One sentence on the text runs' corpus and tokenizer, and the context-free baseline; "" without text runs."""
+    facts = [r["corpus"] for r in results if r.get("corpus")]
+    if not facts:
+        return ""
+    f = facts[0]
+    length = next(iter(next(r for r in results if r.get("corpus"))["accuracy"]))
+    same = all(x["tokenizer_sha256"] == f["tokenizer_sha256"] for x in facts)
+    return (
+        f"text_mlm: the {f['files']} license texts of Debian's `{LICENSES}` (links followed), copied as .txt "
+        f"({f['bytes']:,} bytes; a paragraph is a document, a keyed hash holds out data.val_fraction = 10% of "
+        f"them); byte-level BPE vocabulary {f['vocab']:,} trained on the training paragraphs "
+        f"(sha256 {f['tokenizer_sha256'][:12]}, "
+        + ("the same in every run" if same else "NOT the same in every run")
+        + f"); {f['train_blocks']:,} training blocks and {f['val_blocks']} held-out blocks of {length} tokens, "
+        f"{f['masked_per_block']} masked per block (80% [MASK], 10% random, 10% kept; the held-out masks fixed). "
+        "Its accuracy is the masked-token accuracy on the held-out blocks; predicting the training split's most "
+        f"frequent token everywhere scores {f['unigram_acc']:.3f}, and its unigram distribution has held-out "
+        f"perplexity {f['unigram_perplexity']:.1f}.\n"
+    )
+
+
 def report(results: list[dict], command: str) -> str:
     loads = [x for r in results for x in r["load"]]
     results = sorted(results, key=lambda r: list(TASKS).index(r["task"]) if r["task"] in TASKS else len(TASKS))
@@ -336,6 +481,10 @@ def report(results: list[dict], command: str) -> str:
         "and batches):\n",
         render_paired(results),
     ]
+    if ppl := render_perplexity(results):
+        parts += ["Held-out perplexity (exp of the mean cross-entropy of the masked tokens):\n", ppl]
+    if note := corpus_note(results):
+        parts.append(note)
     return "\n".join(parts)
 
 
@@ -345,6 +494,21 @@ def main() -> None:
     )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=list(MODELS),
+        help="train only these (e.g. vanilla and self in parallel processes, one per seed, then the control)",
+    )
+    parser.add_argument(
+        "--n-from",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="the SELF seeds whose iterations give the control's N (default: --seeds), so that processes each "
+        "training one seed's control use the N of all seeds",
+    )
     parser.add_argument("--steps", type=int, help="training steps for every task (default: the task's own)")
     parser.add_argument("--collect", action="store_true", help="only render the finished runs under --out")
     parser.add_argument("--docs", type=Path, help="replace the table section of this markdown file")
@@ -355,13 +519,14 @@ def main() -> None:
         env = init_distributed()
         for task in args.tasks:
             steps = args.steps or TASKS[task].steps
-            self_runs = []
             for seed in args.seeds:
                 for model in ("vanilla", "self"):
-                    r = train_one(task, model, seed, args.out, env, steps, None)
-                    print(json.dumps(r), flush=True)
-                    if model == "self":
-                        self_runs.append(r)
+                    if model in args.models:
+                        print(json.dumps(train_one(task, model, seed, args.out, env, steps, None)), flush=True)
+            if "control" not in args.models:
+                continue
+            # SELF's runs of these seeds (the finished ones reused, the others trained here)
+            self_runs = [train_one(task, "self", s, args.out, env, steps, None) for s in args.n_from or args.seeds]
             n_iter = control_iterations([r["train_iters"] for r in self_runs])
             for seed in args.seeds:
                 print(json.dumps(train_one(task, "control", seed, args.out, env, steps, n_iter)), flush=True)
