@@ -119,6 +119,30 @@ VARIANTS: dict[str, list[str]] = {
         "comm.factor_dtype=bf16",
         "comm.rest_dtype=bf16",
     ],
+    "rankdad-allreduce-k2-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=2",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    # per-layer ranks from a wire budget (docs/dad.md, "Ranks from a budget"): wire bytes per rank per step, rest
+    # and row counts included. The figures are for S = 4: 96,790 B is 1/100 of fp32 ring all-reduce's 9.68 MB
+    # there; 115,728 B is what a uniform k = 3 in the all-reduce form puts on the wire (equal bytes)
+    "rankdad-allreduce-budget96790-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.budget_bytes=96790",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
+    "rankdad-allreduce-budget115728-bf16-rest16": [
+        "comm.strategy=rankdad",
+        "comm.budget_bytes=115728",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=bf16",
+        "comm.rest_dtype=bf16",
+    ],
     "rankdad-int8-k4-rest16": [
         "comm.strategy=rankdad",
         "comm.rank=4",
@@ -275,7 +299,8 @@ def main() -> None:
         )
         command = (
             f"Command: `{command_line()}` tabulates the finished runs; each was trained by "
-            f"`.venv/bin/python -m bench.bytes_vs_accuracy --config {args.config} --out {args.out} --only "
+            f"`.venv/bin/python -m bench.bytes_vs_accuracy --config {args.config}"
+            f"{'' if args.nproc == 2 else f' --nproc {args.nproc}'} --out {args.out} --only "
             "VARIANT --seeds SEED` (its resolved config is `config.yaml` in its run directory)."
             if args.collect
             else None
