@@ -125,13 +125,6 @@ class FPSAConfig(_Section):
         description="weight of the Jacobian penalty (Hutchinson estimate of ||dU/dZ||_F^2 per entry "
         "at the fixed point) added to the training loss",
     )
-    jac_reg_fraction: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="share of each rank's examples (the first ceil(fraction x batch)) on which the Jacobian "
-        "penalty is estimated: its cost, about half a vanilla step per FPSA layer at 1.0, scales with it",
-    )
 
 
 class DataConfig(_Section):

@@ -204,11 +204,7 @@ class FixedPointLoop(nn.Module):
                 z = self._gradient_path(z, x, v, bias, self._live_maps(weights, scale), frozen)
         self.jac_penalty = None
         if differentiable and self.training and cfg.jac_reg > 0:
-            # on the first ceil(fraction x B) examples only: examples never interact in U, so a slice of the batch
-            # is an unbiased estimate over fewer examples at that share of the cost
-            n = math.ceil(cfg.jac_reg_fraction * z.shape[0])
-            sub_bias = bias if bias is None or bias.shape[0] == 1 else bias[:n]
-            self.jac_penalty = self._jacobian_penalty(z.detach()[:n], v[:n], sub_bias, real[:n], weights, scale)
+            self.jac_penalty = self._jacobian_penalty(z.detach(), v, bias, real, weights, scale)
         return z - x if cfg.reinject else z
 
     def _gradient_path(
