@@ -85,10 +85,12 @@ def train_step(task, model, opt, batch) -> None:
 
 
 def run_rounds(
-    variants: dict[str, tuple], batches: list[Any], repeats: int, timer: Timer
+    variants: dict[str, tuple], batches: list[Any], repeats: int, timer: Timer, reset: dict | None = None
 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
     """Every variant's step, `repeats` rounds after two warm-up rounds, in an order rotating by round (so machine
-    load hits all alike). Returns per variant its step times (s), and its mean solver and adjoint iterations."""
+    load hits all alike). Returns per variant its step times (s), and its mean solver and adjoint iterations.
+    `reset`: parameters loaded into every model before each step, outside the timing (a checkpoint stays the
+    checkpoint instead of drifting with the timed optimizer steps)."""
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     iters: dict[str, list[float]] = {n: [] for n in names}
@@ -98,6 +100,8 @@ def run_rounds(
         for name in rot:
             _, task, model, opt = variants[name]
             batch = batches[r % len(batches)]
+            if reset is not None:
+                model.load_state_dict(reset)
             t = timer.seconds(functools.partial(train_step, task, model, opt, batch))
             if r >= 2:
                 times[name].append(t)
@@ -118,8 +122,9 @@ def main() -> None:
     ap.add_argument(
         "--checkpoint",
         type=Path,
-        help="a run directory: its config.yaml and model.pt for every model, and the solver stops at the run's "
-        "own fpsa.tol instead of a forced count (the iterations a trained model needs)",
+        help="a run directory: its config.yaml and model.pt for every model, reloaded before each step, and the "
+        "solver stops at the run's own fpsa.tol instead of a forced count (the iterations a trained model needs; "
+        "--iters is not used)",
     )
     ap.add_argument(
         "--backwards",
@@ -145,8 +150,9 @@ def main() -> None:
 
     state = None
     if args.checkpoint:
-        args.config = str(args.checkpoint / "config.yaml")
-        state = torch.load(args.checkpoint / "model.pt", map_location="cpu", weights_only=True)
+        run = args.checkpoint.resolve()
+        args.config = str(run / "config.yaml")
+        state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     variants = make_variants(args.config, args.set, args.backwards, None if state else args.iters, state=state)
     cfg0, task0 = variants["vanilla"][0], variants["vanilla"][1]
     batch_size = args.batch or max(1, cfg0.train.batch_size // 2)
@@ -154,7 +160,7 @@ def main() -> None:
 
     names = list(variants)
     loads = [load()]
-    times, iters, adj_iters = run_rounds(variants, batches, args.repeats, Timer(CPU))
+    times, iters, adj_iters = run_rounds(variants, batches, args.repeats, Timer(CPU), reset=state)
     loads.append(load())
 
     med = statistics.median
@@ -186,9 +192,11 @@ def main() -> None:
 
     if args.docs:
         m, f = cfg0.model, cfg0.fpsa
+        shown = f"{args.checkpoint}/config.yaml" if args.checkpoint else args.config
         solver = (
-            f"the weights of `{args.checkpoint}/model.pt`; the solver stops at the run's own fpsa.tol {f.tol:g} "
-            f"(max_iter {f.max_iter}, damping {f.damping:g}, jac_reg {f.jac_reg:g}), the implicit adjoint at "
+            f"the weights of `{args.checkpoint}/model.pt`, reloaded before each step; the solver stops at the "
+            f"run's own fpsa.tol {f.tol:g} (max_iter {f.max_iter}, damping {f.damping:g}, jac_reg {f.jac_reg:g}), "
+            "the implicit adjoint at "
             f"adj_tol {f.adj_tol:g}"
             if args.checkpoint
             else "the solver is forced to run exactly n iterations (`fpsa.tol=1e-30`)"
@@ -196,7 +204,7 @@ def main() -> None:
         write_result(
             args.docs,
             SECTION_TRAINED if args.checkpoint else SECTION,
-            f"Model `{args.config}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), "
+            f"Model `{shown}` (d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads), "
             f"{batch_size} examples × {cfg0.data.seq_len} tokens per step (one rank's share), forward + "
             f"backward + AdamW, one process, {args.threads} thread(s); {solver}. All variants interleaved in "
             f"rotating order, {args.repeats} rounds after 2 warm-up rounds.",

@@ -44,6 +44,14 @@ def _budget_rule(o: Any) -> None:
 _GATHER_ONLY_FORMATS = ("int8", "fp8")
 
 
+def _auto_rules(o: Any) -> None:
+    if o.rankdad_mode == "alternating":
+        raise ValueError(
+            "comm.rankdad_mode='alternating' with comm.strategy='auto': auto chooses per layer among all-reduce, "
+            "dad and rankdad's oneway/twoway and allreduce forms; use comm.strategy=rankdad for the alternating form"
+        )
+
+
 def _alternating_rule(o: Any) -> None:
     if o.rankdad_mode == "alternating" and (o.power_iters != 1 or not o.warm_start):
         raise ValueError(
@@ -146,7 +154,7 @@ STRATEGIES: dict[str, StrategySpec] = {
             False,
             "per Linear layer the cheapest of all-reduce, dad and rankdad's two forms (wire bytes, or time on a link)",
             (*_RANKDAD, "min_compression_rate", "link_rate", "link_latency_us"),
-            _alternating_rule,
+            _auto_rules,
         ),
     )
 }

@@ -193,6 +193,39 @@ def test_alternating_first_step_is_the_global_gradient_on_the_seeded_subspace(wo
             assert rel(res["grads"][f"{layer}.weight"], m @ q_hat @ q_hat.T) < 1e-5, (rank, layer)
 
 
+def _alternating_fixed_batch(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+    """Two steps of the alternating form on the same batch and parameters (no optimizer step), overlap off (the
+    coalesced launch): a P step, then a Q step on the same gradient."""
+    model = seeded_encoder()
+    strategy = build_strategy(
+        CommConfig(strategy="rankdad", rank=2, rankdad_mode="alternating", error_feedback=False, overlap=False)
+    )
+    fwd = strategy.attach(model)
+    grads = []
+    for _ in range(2):
+        tokens, labels = toy_batch(0, GLOBAL_BATCH, rank, world)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(fwd(tokens), labels).backward()
+        strategy.synchronize()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    strategy.close()
+    return grads
+
+
+@WORLDS
+def test_alternating_second_step_projects_on_the_subspace_the_first_found(world):
+    """On a fixed gradient M (the global batch's): step 0 gives M Q̂ Q̂ᵀ, step 1 P̂ P̂ᵀ M with P̂ = orth(M Q̂), the P the
+    first step all-reduced (each rank's M_i Q̂ summed, then divided by S)."""
+    oracle = oracle_grads(GLOBAL_BATCH)
+    for rank, steps in enumerate(run_ranks(_alternating_fixed_batch, world)):
+        for index, layer in enumerate(LAYERS):
+            m = oracle[f"{layer}.weight"]
+            q_hat = orthonormalize(random_start(m.shape[1], 2, index, m))
+            p_hat = orthonormalize(m @ q_hat)
+            assert rel(steps[0][f"{layer}.weight"], m @ q_hat @ q_hat.T) < 1e-5, (rank, layer)
+            assert rel(steps[1][f"{layer}.weight"], p_hat @ p_hat.T @ m) < 1e-5, (rank, layer)
+
+
 @WORLDS
 @pytest.mark.parametrize(
     "config",
@@ -413,7 +446,7 @@ def test_dad_on_fpsa_equals_the_global_batch_oracle(variant):
 
 
 @WORLDS
-@pytest.mark.parametrize("mode", ["oneway", "allreduce"])
+@pytest.mark.parametrize("mode", ["oneway", "allreduce", "alternating"])
 def test_a_rank_budget_is_kept_every_step_and_replanned_from_the_spectra(world, mode):
     runs = _run(f"budget-{mode}", world)
     budget = _budget_fields(world, mode)["budget_bytes"]

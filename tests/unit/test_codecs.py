@@ -76,7 +76,7 @@ def _alternating(**options) -> SubspaceCodec:
 
 def test_alternating_projects_on_the_last_step_subspace_one_side_per_step():
     """Even steps: G = M Q̂ Q̂ᵀ with Q̂ = orth(last Q), only P (out x k) sent; odd steps: G = P̂ P̂ᵀ M with P̂ = orth(the
-    P just sent), only Q (in x k) sent; the cost model's bytes are the mean of the two."""
+    P just sent, kept transposed), only Q (in x k) sent; the cost model's bytes are the larger of the two."""
     codec, comm = _alternating(rank=2, error_feedback=False), Comm()
     sent = []
     for step in range(4):
@@ -93,10 +93,29 @@ def test_alternating_projects_on_the_last_step_subspace_one_side_per_step():
             if last is not None:  # the basis is the Q the previous step all-reduced, orthonormalised
                 torch.testing.assert_close(basis @ basis.T, orthonormalize(last) @ orthonormalize(last).T)
         else:
-            torch.testing.assert_close(basis, orthonormalize(last))  # the P of the step before
+            torch.testing.assert_close(basis, orthonormalize(last.T))  # the P of the step before
             torch.testing.assert_close(grad, basis @ basis.T @ m, rtol=1e-5, atol=1e-5)
     assert sent == [OUT * 2 * 4, IN * 2 * 4] * 2
-    assert sum(sent) / len(sent) == codec.wire_bytes(IN, OUT, ROWS, world_size=2)
+    assert max(sent) == codec.wire_bytes(IN, OUT, ROWS, world_size=2)  # the larger side: a budget holds every step
+
+
+def test_alternating_keeps_alternating_across_a_step_that_changed_nothing():
+    """The side follows what is stored, not the step count: after a non-finite step is undone (memory as it was,
+    step counter advanced) the layer goes on with the side it was due for, from the subspace it had."""
+    codec, comm = _alternating(rank=2, error_feedback=False), Comm()
+    layer = _layer()
+    for _ in range(3):  # P, Q, P
+        codec.finish(codec.launch(layer, comm), comm)
+        codec.end_step()
+    stored = codec.memory.starts.get("layer").clone()
+    bad = _layer()
+    bad.a[0, 0] = float("nan")
+    codec.finish(codec.launch(bad, comm), comm)  # the Q step, non-finite: undone
+    codec.end_step()
+    assert torch.equal(codec.memory.starts.get("layer"), stored)
+    pending = codec.launch(layer, comm)
+    assert pending.data["side"] == "Q"  # still the Q step, now on an even step count
+    torch.testing.assert_close(pending.data["basis"], orthonormalize(stored.T))
 
 
 def test_alternating_on_a_fixed_gradient_converges_to_its_best_rank_k_approximation():

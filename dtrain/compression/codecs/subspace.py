@@ -24,8 +24,12 @@ P = Σ_i M_i Q̂ with Q̂ = orth(the last Q), G = P Q̂ᵀ / S; on odd steps Q =
 G = P̂ Qᵀ / S. Each step's G is the summed gradient projected on the subspace the previous step found (the power
 iteration runs across steps, as PowerSGD's warm start already makes it), so a step costs k·out or k·in elements
 instead of k(in+out) and one round trip instead of two; error feedback keeps what the stale subspace misses.
-Needs `warm_start` and one power iteration. The side follows the step's parity (the same on every rank) and
-falls back to a P step when the last P is missing (the first step, a changed k).
+Needs `warm_start` and one power iteration. The side follows what the layer has stored, the same on every rank:
+after a P step its P is kept transposed (k × out) and the next step is a Q step; after a Q step its Q (in × k)
+is kept and the next is a P step; anything else (the first step, a changed k, a checkpoint of the `allreduce`
+form) starts a P step. So a step that leaves the memory as it was (a non-finite step undone, a layer without
+rows) does not break the alternation. A rank budget is planned with the larger side, k·max(in, out), so it
+holds at every step.
 
 Error feedback (`error_feedback`, `memory.ErrorFeedback`): rank i delivered P̂ Q_iᵀ of its compensated M_i + E_i,
 so its residual is M_i + E_i − P̂ Q_iᵀ (exact, since Σ_i P̂ Q_iᵀ / S = G); this needs the dense M_i + E_i, as in the
@@ -70,7 +74,8 @@ class SubspaceCodec(LayerCodec):
         self.options = options
         self.factor_dtype = wire_dtype(options.factor_dtype)
         self.alternating = options.rankdad_mode == "alternating"
-        self.memory = FactorMemory(options, prefix="subspace_", codec=f"rankdad ({options.rankdad_mode} mode)")
+        mode = "alternating" if self.alternating else "allreduce"
+        self.memory = FactorMemory(options, prefix="subspace_", codec=f"rankdad ({mode} mode)")
 
     def bind(self, layer_names: list[str]) -> None:
         self.memory.bind(layer_names)
@@ -87,7 +92,7 @@ class SubspaceCodec(LayerCodec):
         """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back. With `keep_mine`, also `t`
         as cast for the wire, in its own dtype (what this rank contributed: error feedback's delivered share)."""
         sent = t.to(self.factor_dtype)
-        mine = (sent.to(t.dtype) if sent is not t else t.clone()) if keep_mine else None
+        mine = sent.to(t.dtype) if keep_mine else None  # `t` itself in fp32: it is not written to afterwards
         return comm.all_reduce_async(sent.clone() if sent is t else sent, name), mine
 
     def _reduce_all(
@@ -128,8 +133,10 @@ class SubspaceCodec(LayerCodec):
         data = {"k": k, "op": op, "target": target}
         if self.alternating:
             last = self.memory.starts.get(c.name)
-            if self.memory.step % 2 == 1 and last is not None and last.shape == (c.out_features, k):
-                p_hat = orthonormalize(last.to(c.weight))
+            # a P kept transposed (k x out); when k = in = out the two shapes agree, and then either basis spans
+            # the whole space, so taking it for a Q is exact as well
+            if last is not None and last.shape == (k, c.out_features) and last.shape != (c.in_features, k):
+                p_hat = orthonormalize(last.T.to(c.weight))
                 return {**data, "side": "Q", "basis": p_hat}, op.rmm(p_hat)
             q_hat = orthonormalize(self.memory.start(c.name, c.in_features, k, c.weight))
             return {**data, "side": "P", "basis": q_hat}, op.mm(q_hat)
@@ -201,8 +208,8 @@ class SubspaceCodec(LayerCodec):
         """A P step's G = P Q̂ᵀ / S or a Q step's G = P̂ Qᵀ / S, from the step's one sum."""
         data = pending.data
         basis, sent, S = data["basis"], data["sent"], comm.world_size
-        if data["side"] == "P":
-            return self._record(pending, (summed / S) @ basis.T, summed, (sent, basis), comm)
+        if data["side"] == "P":  # kept transposed: the next step sees which side it was
+            return self._record(pending, (summed / S) @ basis.T, summed, (sent, basis), comm, start=summed.T)
         return self._record(pending, basis @ (summed / S).T, summed, (basis, sent), comm)
 
     def _record(
@@ -212,9 +219,11 @@ class SubspaceCodec(LayerCodec):
         summed: torch.Tensor,
         delivered: tuple[torch.Tensor, torch.Tensor | None],
         comm: Comm,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The bookkeeping of a decoded G = (an orthonormal basis) x `summed`ᵀ / S: its spectrum, `summed` as the
-        next warm start, and the residual against this rank's delivered share (left @ rightᵀ of `delivered`)."""
+        """The bookkeeping of a decoded G, the product of `summed` / S and an orthonormal basis (in either order):
+        its spectrum, `start` (default `summed`) as the next warm start, and the residual against this rank's
+        delivered share (left @ rightᵀ of `delivered`)."""
         c = pending.layer.capture
         target = pending.data["target"]
         every = self.options.spectrum_every
@@ -232,7 +241,7 @@ class SubspaceCodec(LayerCodec):
         if self.memory.ranks.per_layer:  # ranks from a budget: say which this layer used
             comm.stats.extra[metrics.RANKDAD_K.format(layer=c.name)] = pending.data["k"]
         if self.options.warm_start:
-            self.memory.starts.put(c.name, summed)
+            self.memory.starts.put(c.name, summed if start is None else start)
         if target is not None:
             # rank i delivered its own factor as cast for the wire times the basis: the rest of its compensated
             # gradient stays here
@@ -246,11 +255,12 @@ class SubspaceCodec(LayerCodec):
 
     def wire_bytes_per_rank(self, in_features: int, out_features: int, world_size: int) -> float:
         """What one factor column of P and of Q adds to a rank's link per step: 2(S−1)/S × its payload per
-        power iteration."""
+        power iteration (alternating: of the larger of P and Q, sent on every other step)."""
         S = world_size
-        column = (in_features + out_features) * element_size(self.options.factor_dtype)
-        if self.alternating:  # P (out) and Q (in) on alternate steps: half a power iteration per step on average
-            return (S - 1) / S * column
+        size = element_size(self.options.factor_dtype)
+        if self.alternating:  # P (out) or Q (in), one per step: the larger, so that a budget holds at every step
+            return 2.0 * (S - 1) / S * max(in_features, out_features) * size
+        column = (in_features + out_features) * size
         return 2.0 * (S - 1) / S * self.options.power_iters * column
 
     def messages(self, world_size: int) -> int:
