@@ -64,9 +64,9 @@ def make_variants(
         backward, _, extra = spec.partition(":")
         extra_sets = [e for e in extra.split(",") if e]
         tag = f" ({', '.join(e.replace('fpsa.', '') for e in extra_sets)})" if extra_sets else ""
-        forced = [[f"fpsa.max_iter={n}", "fpsa.tol=1e-30"] for n in iters] if iters else [[]]
-        for force in forced:
-            label = f" n={force[0].split('=')[1]}" if force else ""
+        for n in iters or [None]:
+            force = [] if n is None else [f"fpsa.max_iter={n}", "fpsa.tol=1e-30"]
+            label = "" if n is None else f" n={n}"
             variants[f"fpsa {backward}{label}{tag}"] = make(
                 config,
                 [*sets, "model.attention=fpsa", f"fpsa.backward={backward}", *force, *extra_sets],
@@ -196,8 +196,7 @@ def main() -> None:
         solver = (
             f"the weights of `{args.checkpoint}/model.pt`, reloaded before each step; the solver stops at the "
             f"run's own fpsa.tol {f.tol:g} (max_iter {f.max_iter}, damping {f.damping:g}, jac_reg {f.jac_reg:g}), "
-            "the implicit adjoint at "
-            f"adj_tol {f.adj_tol:g}"
+            f"the implicit adjoint at adj_tol {f.adj_tol:g}"
             if args.checkpoint
             else "the solver is forced to run exactly n iterations (`fpsa.tol=1e-30`)"
         )

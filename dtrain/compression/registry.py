@@ -65,9 +65,8 @@ def _summed_factors_rule(strategy: str):
     def rule(o: Any) -> None:
         if strategy == "rankdad":
             _budget_rule(o)
-        mode = getattr(o, "rankdad_mode", None)
-        if mode is not None:
             _alternating_rule(o)
+        mode = getattr(o, "rankdad_mode", None)
         summed = strategy == "powersgd" or mode in ("allreduce", "alternating")
         if summed and o.factor_dtype in _GATHER_ONLY_FORMATS:
             what = "comm.strategy='powersgd'" if strategy == "powersgd" else f"comm.rankdad_mode={mode!r}"

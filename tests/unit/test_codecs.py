@@ -53,12 +53,20 @@ def test_no_rows_anywhere_sends_nothing_and_decodes_to_none():
         assert comm.reset().bytes_sent == 0
 
 
-def test_factors_error_feedback_adds_up_over_steps():
-    """Σ_steps gradients = Σ_steps delivered + last residual (the ErrorFeedback invariant, per layer)."""
-    codec, comm = _factors(rank=1, factor_dtype="bf16"), Comm()
+def _alternating(**options) -> SubspaceCodec:
+    codec = SubspaceCodec(CommConfig(strategy="rankdad", rankdad_mode="alternating", **options).options())
+    codec.bind(["layer"])
+    return codec
+
+
+@pytest.mark.parametrize("make, steps", [(_factors, 4), (_alternating, 5)], ids=["factors", "alternating"])
+def test_error_feedback_adds_up_over_steps(make, steps):
+    """Σ_steps gradients = Σ_steps delivered + last residual (the ErrorFeedback invariant, per layer); alternating
+    over P and Q steps."""
+    codec, comm = make(rank=1, factor_dtype="bf16"), Comm()
     total_grad = torch.zeros(OUT, IN, dtype=torch.float64)
     total_delivered = torch.zeros_like(total_grad)
-    for step in range(4):
+    for step in range(steps):
         layer = _layer(seed=step)
         total_grad += (layer.delta.T @ layer.a).double()
         total_delivered += codec.finish(codec.launch(layer, comm), comm).double()
@@ -66,12 +74,6 @@ def test_factors_error_feedback_adds_up_over_steps():
     residual = codec.memory.residuals.get("layer").double()
     torch.testing.assert_close(total_delivered + residual, total_grad, rtol=0, atol=1e-4)
     assert residual.abs().max() > 1e-3  # rank 1 < rank of the gradient: something was left over
-
-
-def _alternating(**options) -> SubspaceCodec:
-    codec = SubspaceCodec(CommConfig(strategy="rankdad", rankdad_mode="alternating", **options).options())
-    codec.bind(["layer"])
-    return codec
 
 
 def test_alternating_projects_on_the_last_step_subspace_one_side_per_step():
@@ -129,17 +131,3 @@ def test_alternating_on_a_fixed_gradient_converges_to_its_best_rank_k_approximat
         grad = codec.finish(codec.launch(layer, comm), comm)
         codec.end_step()
     assert (grad - best).norm() / m.norm() < 1e-4
-
-
-def test_alternating_error_feedback_adds_up_over_steps():
-    codec, comm = _alternating(rank=1, factor_dtype="bf16"), Comm()
-    total_grad = torch.zeros(OUT, IN, dtype=torch.float64)
-    total_delivered = torch.zeros_like(total_grad)
-    for step in range(5):
-        layer = _layer(seed=step)
-        total_grad += (layer.delta.T @ layer.a).double()
-        total_delivered += codec.finish(codec.launch(layer, comm), comm).double()
-        codec.end_step()
-    residual = codec.memory.residuals.get("layer").double()
-    torch.testing.assert_close(total_delivered + residual, total_grad, rtol=0, atol=1e-4)
-    assert residual.abs().max() > 1e-3

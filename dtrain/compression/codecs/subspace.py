@@ -61,7 +61,8 @@ def _part(handle: AsyncReduce, offset: int, shape: torch.Size, dtype: torch.dtyp
 
 
 class _Share:
-    """One layer's P in a coalesced all-reduce, standing in for its own collective in a `Pending`."""
+    """One layer's first factor (P, or Q on an alternating Q step) in a coalesced all-reduce, standing in for its
+    own collective in a `Pending`."""
 
     def __init__(self, part: Callable[[], torch.Tensor]) -> None:
         self.wait = part
@@ -73,9 +74,10 @@ class SubspaceCodec(LayerCodec):
     def __init__(self, options: Any) -> None:
         self.options = options
         self.factor_dtype = wire_dtype(options.factor_dtype)
-        self.alternating = options.rankdad_mode == "alternating"
-        mode = "alternating" if self.alternating else "allreduce"
-        self.memory = FactorMemory(options, prefix="subspace_", codec=f"rankdad ({mode} mode)")
+        # auto builds this codec from its own options too, whose rankdad_mode names its all-gather form
+        self.mode = "alternating" if options.rankdad_mode == "alternating" else "allreduce"
+        self.alternating = self.mode == "alternating"
+        self.memory = FactorMemory(options, prefix="subspace_", codec=f"rankdad ({self.mode} mode)")
 
     def bind(self, layer_names: list[str]) -> None:
         self.memory.bind(layer_names)
@@ -144,7 +146,8 @@ class SubspaceCodec(LayerCodec):
         return data, op.mm(q)
 
     def launch(self, layer: LayerStep, comm: Comm) -> Pending:
-        """P_i = M_i Q, and its all-reduce started (the second half of the step waits for it in `finish`)."""
+        """This rank's first factor (`_start`) and its all-reduce started; `finish` waits for it (and, in the
+        two-all-reduce form, runs the second half of the step)."""
         started = self._start(layer)
         if started is None:
             return Pending(layer, None)
@@ -155,7 +158,8 @@ class SubspaceCodec(LayerCodec):
         return Pending(layer, handle, data)
 
     def launch_all(self, layers: Sequence[LayerStep], comm: Comm) -> list[Pending]:
-        """After backward (comm.overlap off): every layer's P_i in ONE all-reduce, in registration order."""
+        """After backward (comm.overlap off): every layer's first factor in ONE all-reduce, in registration
+        order."""
         started = {id(layer): self._start(layer) for layer in layers}
         live = self._in_order([la for la in layers if started[id(la)] is not None], lambda la: la)
         sums: dict[int, _Share] = {}
@@ -288,7 +292,7 @@ class SubspaceCodec(LayerCodec):
             "rank": o.rank,
             "rank_rule": "min(comm.rank, in, out, total rows over ranks)",
             "power_iters": o.power_iters,
-            "mode": o.rankdad_mode if self.alternating else "allreduce",
+            "mode": self.mode,
             "error_feedback": o.error_feedback,
             "warm_start": o.warm_start,
             "factor_dtype": o.factor_dtype,
