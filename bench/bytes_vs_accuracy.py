@@ -149,6 +149,28 @@ VARIANTS: dict[str, list[str]] = {
         "comm.factor_dtype=int8",
         "comm.rest_dtype=bf16",
     ],
+    # 8-bit factors summed by the quantized all-reduce (at most dtypes.QUANT_BLOCK values per fp32 scale)
+    "rankdad-allreduce-int8-k4-rest16": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=int8",
+        "comm.rest_dtype=bf16",
+    ],
+    "rankdad-allreduce-int8-k4-rest8": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=int8",
+        "comm.rest_dtype=int8",
+    ],
+    "rankdad-allreduce-int8-k3-rest8": [
+        "comm.strategy=rankdad",
+        "comm.rank=3",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=int8",
+        "comm.rest_dtype=int8",
+    ],
     "powersgd-k4-bf16": ["comm.strategy=powersgd", "comm.rank=4", "comm.factor_dtype=bf16"],
     "auto-k2-bf16-rest16": [
         "comm.strategy=auto",

@@ -32,9 +32,17 @@ VARIANTS: dict[str, list[str]] = {
     "ddp": ["comm.strategy=ddp"],
     "ddp-powersgd-k4": ["comm.strategy=ddp-powersgd", "comm.rank=4"],
     "powersgd-k4-bf16": ["comm.strategy=powersgd", "comm.rank=4", "comm.factor_dtype=bf16"],
+    "powersgd-k4-int8": ["comm.strategy=powersgd", "comm.rank=4", "comm.factor_dtype=int8"],
     "dad": ["comm.strategy=dad"],
     "rankdad-oneway-k4-bf16": ["comm.strategy=rankdad", "comm.rank=4", *_BF16],
     "rankdad-allreduce-k4-bf16": ["comm.strategy=rankdad", "comm.rank=4", "comm.rankdad_mode=allreduce", *_BF16],
+    "rankdad-allreduce-k4-int8": [
+        "comm.strategy=rankdad",
+        "comm.rank=4",
+        "comm.rankdad_mode=allreduce",
+        "comm.factor_dtype=int8",
+        "comm.rest_dtype=int8",
+    ],
     "auto-k4-bf16": ["comm.strategy=auto", "comm.rank=4", *_BF16],
 }
 STEPS = 3

@@ -3,7 +3,7 @@
 - a gradient source (`capture.GradientSource`): (A, Δ) of every managed Linear layer, the rest dense;
 - a plan (`plan.FixedPlan`, `plan.CostModelPlan`): which codec each captured layer uses (`codecs/`);
 - a scheduler (`scheduler.LayerScheduler`): when each layer's collective starts (overlap with backward);
-- the rest's codec: `buckets.BucketedMean` (fp32, exact) or `codecs.rest.HalfPrecisionRest` (`comm.rest_dtype`);
+- the rest's codec: `buckets.BucketedMean` (fp32, exact) or `codecs.rest.LossyRest` (`comm.rest_dtype`);
 - `Comm`, through which every byte travels and is counted.
 
 The strategies differ only in their plan: `dad` sends every layer's rows (exact), `rankdad` its low-rank factors,
@@ -14,7 +14,7 @@ travels in the row-count exchange, so every rank calls the same collectives.
 
 Bytes per step (payload sent by one rank): 8·2L (counts) + Σ_layers codec payload + 4·Σ_rest numel
 (+ 4·in·out for a captured weight with an extra dense gradient on any rank); with `comm.rest_dtype` bf16/fp16 the
-rest costs 2·Σ_rest numel instead.
+rest costs 2·Σ_rest numel instead, with int8/fp8 about 1.03·Σ_rest numel (`dtypes.quantized_sum_bytes`).
 
 Gradient accumulation: backward passes inside `no_sync()` only record pairs, which pile up until the next
 synchronising backward (exact). With overlap on, a second backward outside `no_sync()` before `synchronize()`
@@ -39,11 +39,11 @@ from .buckets import BucketedMean
 from .capture import GradientSource, LinearCapture
 from .codecs.base import LayerCodec, LayerStep, Pending
 from .codecs.factors import FactorsCodec
-from .codecs.rest import RESIDUAL, HalfPrecisionRest
+from .codecs.rest import RESIDUAL, LossyRest
 from .codecs.rows import RowsCodec
 from .codecs.subspace import SubspaceCodec
 from .comm import Comm
-from .dtypes import QUANTIZED, wire_dtype
+from .dtypes import QUANTIZED, quantized_sum_bytes, wire_dtype
 from .plan import BudgetPlan, CostModelPlan, FixedPlan
 from .scheduler import LayerScheduler
 
@@ -82,7 +82,7 @@ class CapturedStrategy(Strategy):
         self.comm = Comm(group)
         self.plan = make_plan(self)
         self.source: GradientSource | None = None
-        self.rest_sync: BucketedMean | HalfPrecisionRest | None = None
+        self.rest_sync: BucketedMean | LossyRest | None = None
         self.scheduler = LayerScheduler(name, self.comm, lambda: self.captures, self._launch, self._overlapping)
         self._accumulating = False
         self._synced: list[LayerStep] = []  # the layers the current step synchronised, whichever path launched them
@@ -101,16 +101,13 @@ class CapturedStrategy(Strategy):
             capture.on_delta = self.scheduler.on_delta
         return model
 
-    def _rest_sync(self, state: dict[str, Any] | None = None) -> BucketedMean | HalfPrecisionRest:
-        """How the uncaptured gradients travel: fp32 buckets (exact), or 16-bit with error feedback."""
+    def _rest_sync(self, state: dict[str, Any] | None = None) -> BucketedMean | LossyRest:
+        """How the uncaptured gradients travel: fp32 buckets (exact), or 16/8-bit with error feedback."""
         assert self.source is not None
         if self.options.rest_dtype == "fp32":
             return BucketedMean(self.source.rest, self.options.bucket_mb, prefix=f"{self.name}/rest")
-        rest = HalfPrecisionRest(
-            self.source.rest,
-            wire_dtype(self.options.rest_dtype),
-            self.options.error_feedback,
-            prefix=f"{self.name}/rest",
+        rest = LossyRest(
+            self.source.rest, self.options.rest_dtype, self.options.error_feedback, prefix=f"{self.name}/rest"
         )
         if state:
             rest.load_state_dict(state)
@@ -187,13 +184,15 @@ class CapturedStrategy(Strategy):
 
     def fixed_wire_bytes(self) -> float:
         """Wire bytes per rank per step that do not depend on any codec's choice: the row-count exchange (two
-        int64 per captured layer, all-gathered) and the rest (fp32 ring all-reduce, or 16-bit all-gather)."""
+        int64 per captured layer, all-gathered) and the rest (fp32 ring all-reduce, `LossyRest` in 16 or 8 bits)."""
         S = self.comm.world_size
         counts = (S - 1) * 16 * len(self.captures)
         rest = sum(p.numel() for _, p in (self.source.rest if self.source is not None else []))
         if self.options.rest_dtype == "fp32":
             return counts + 2.0 * (S - 1) / S * 4 * rest
-        per_rank = (S - 1) if S <= 2 else 2.0 * (S - 1) / S  # HalfPrecisionRest: all-gather, then all-reduce
+        if self.options.rest_dtype in QUANTIZED:  # LossyRest: the quantized all-reduce at every S
+            return counts + 2.0 * (S - 1) / S * quantized_sum_bytes(self.options.rest_dtype, rest, S)
+        per_rank = (S - 1) if S <= 2 else 2.0 * (S - 1) / S  # LossyRest: all-gather, then all-reduce
         return counts + per_rank * wire_dtype(self.options.rest_dtype).itemsize * rest
 
     def _set_weight_grad(self, layer: LayerStep, grad: torch.Tensor | None) -> None:
@@ -209,12 +208,12 @@ class CapturedStrategy(Strategy):
     def rescale_memory(self, ratio: float) -> None:
         for codec in self.plan.codecs():
             codec.rescale_memory(ratio)
-        if isinstance(self.rest_sync, HalfPrecisionRest):
+        if isinstance(self.rest_sync, LossyRest):
             self.rest_sync.memory.rescale_(ratio)
 
     # ------------------------------------------------------------------ checkpoints, plan.json
     def _rest_state(self) -> dict[str, Any]:
-        return self.rest_sync.state_dict() if isinstance(self.rest_sync, HalfPrecisionRest) else {}
+        return self.rest_sync.state_dict() if isinstance(self.rest_sync, LossyRest) else {}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -236,7 +235,7 @@ class CapturedStrategy(Strategy):
         for codec in self.plan.codecs():
             codec.load_state_dict(take(codec))
         residual = state.pop(RESIDUAL, None)
-        if residual is not None and isinstance(self.rest_sync, HalfPrecisionRest):
+        if residual is not None and isinstance(self.rest_sync, LossyRest):
             self.rest_sync.load_state_dict({RESIDUAL: residual})
         self.plan.load_state_dict(take(self.plan))
         super().load_state_dict(state)  # refuses whatever is left
@@ -279,8 +278,7 @@ def build_auto(options: Any, group: dist.ProcessGroup | None = None) -> Captured
         group,
         lambda s: CostModelPlan(
             RowsCodec(),
-            # 8-bit factors only travel gathered: the all-reduce form is then not a candidate
-            [FactorsCodec(options)] + ([] if options.factor_dtype in QUANTIZED else [SubspaceCodec(options)]),
+            [FactorsCodec(options), SubspaceCodec(options)],
             options,
             s.comm.world_size,
             s.comm.rank == 0,

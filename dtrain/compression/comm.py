@@ -6,7 +6,8 @@ bytes it handed to collectives:
 - payload sent = elements x element size of every tensor passed to a collective (padding included);
 - payload received = what the collective delivered from other ranks;
 - wire bytes = what the collective's algorithm puts on this rank's link, estimated:
-  ring all-reduce sends 2(S-1)/S x payload, all_gather (ring) sends (S-1) x own payload.
+  ring all-reduce sends 2(S-1)/S x payload, all_gather (ring) sends (S-1) x own payload, all_to_all sends
+  (S-1)/S x payload.
 
 Time (`CommStats.time_s`) is the host time the step is blocked in collectives. On CUDA a collective's `wait()`
 only orders streams and returns at once, so where a CUDA tensor is measured the clock is read after a
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from ..distributed import collective_device
 from .base import CommStats
+from .dtypes import decode_columns, encode_columns, quantized_layout
 
 
 def _settle(tensor: torch.Tensor) -> None:
@@ -91,6 +93,15 @@ class Comm:
         """In-place sum over ranks, started now; its `wait()` returns the tensor and charges the bytes (`parts`:
         see `account`)."""
         return AsyncReduce(self, tensor, name, parts)
+
+    def all_reduce_quantized_async(
+        self, tensor: torch.Tensor, name: str, fmt: str, values_of: Mapping[str, int] | None = None
+    ) -> AsyncQuantizedReduce:
+        """Sum over ranks of a 1-D fp32 `tensor` sent in the 8-bit format `fmt` (int8, fp8), started now; its
+        `wait()` returns the sum (bitwise the same on every rank), `delivered()` this rank's share of it. The
+        wire carries 2(S−1)/S × the 8-bit payload, as a ring all-reduce of it would. `values_of`: the tensor's
+        values split by layer name, for the per-layer bytes."""
+        return AsyncQuantizedReduce(self, tensor, name, fmt, values_of)
 
     def exchange_counts(self, counts: list[int], name: str = "meta/counts") -> list[list[int]]:
         """All-gather a short list of ints (e.g. rows per layer): result[r] is rank r's list."""
@@ -177,3 +188,91 @@ class AsyncReduce(_InFlight):
         S = self.comm.world_size
         self._complete(self.tensor, self.nbytes, 2.0 * (S - 1) / S * self.nbytes)
         return self.tensor
+
+
+class AsyncQuantizedReduce(_InFlight):
+    """A sum over ranks in 8 bits: a reduce-scatter by all_to_all, then an all_gather of the reduced chunks.
+
+    The tensor is padded to S chunks of whole blocks of at most 128 values (`dtypes.quantized_layout`), each block
+    sent as 8-bit values with one fp32 scale (`encode_columns`, a block being a column). Rank j receives every
+    rank's chunk j, decodes and sums them in fp32 in rank order, encodes that sum once more and all-gathers it:
+    every rank decodes the same bytes, so the sum is bitwise the same everywhere. A ring all-reduce cannot carry
+    8-bit values (their sum overflows, and the ranks' scales differ); this carries each value twice in 8 bits,
+    2(S−1)/S × payload on the wire.
+
+    Only two encodings lose anything, and each rank knows what its own lost: its chunks' first encoding, and the
+    encoding of the sum it owns. `delivered()` is this rank's tensor plus those losses, so the ranks' delivered
+    shares add up to the decoded sum (to fp32 rounding): error feedback that keeps `compensated − delivered()`
+    absorbs the quantization exactly.
+    """
+
+    def __init__(
+        self, comm: Comm, tensor: torch.Tensor, name: str, fmt: str, values_of: Mapping[str, int] | None
+    ) -> None:
+        if tensor.dim() != 1:
+            raise ValueError(f"{name}: all_reduce_quantized_async takes a 1-D tensor, got shape {tuple(tensor.shape)}")
+        S = comm.world_size
+        self.fmt, self.numel = fmt, tensor.numel()
+        self.blocks, self.block = quantized_layout(self.numel, S)
+        padded = torch.zeros(S * self.blocks * self.block, dtype=torch.float32, device=tensor.device)
+        padded[: self.numel] = tensor
+        chunks = padded.view(S, self.blocks, self.block)
+        send = torch.stack([encode_columns(chunk.T, fmt) for chunk in chunks])
+        # this rank's tensor as its first encoding carries it (the second loss is added in wait())
+        self._mine = torch.stack([self._decode(row) for row in send]).reshape(-1)
+        payload = send.numel()
+        super().__init__(comm, name, payload, _bytes_by_part(values_of, payload, self.numel))
+        self.recv = torch.empty_like(send) if S > 1 else send
+        _settle(send)
+        self.launched = time.perf_counter()
+        self._started(dist.all_to_all_single(self.recv, send, group=comm.group, async_op=True) if S > 1 else None)
+        self._sum: torch.Tensor | None = None
+
+    def _decode(self, data: torch.Tensor) -> torch.Tensor:
+        """One chunk's bytes back as its fp32 values, block after block."""
+        return decode_columns(data, self.fmt, self.block, self.blocks).T.reshape(-1)
+
+    def wait(self) -> torch.Tensor:
+        if self._sum is not None:
+            return self._sum
+        comm, S = self.comm, self.comm.world_size
+        if self.work is not None:
+            self.poll()
+            t0 = time.perf_counter()
+            self.work.wait()
+            _settle(self.recv)
+            self.blocked += time.perf_counter() - t0
+        owned = self._decode(self.recv[0])
+        for row in self.recv[1:]:
+            owned += self._decode(row)
+        encoded = encode_columns(owned.view(self.blocks, self.block).T, self.fmt)
+        size = owned.numel()
+        self._mine[comm.rank * size : (comm.rank + 1) * size] += self._decode(encoded) - owned
+        t0 = time.perf_counter()
+        if S > 1:
+            parts = [torch.empty_like(encoded) for _ in range(S)]
+            dist.all_gather(parts, encoded, group=comm.group)
+            _settle(encoded)
+        else:
+            parts = [encoded]
+        self.blocked += time.perf_counter() - t0
+        self.done = time.perf_counter()
+        self._sum = torch.cat([self._decode(part) for part in parts])[: self.numel]
+        comm.account(self.name, self.nbytes, self.nbytes, 2.0 * (S - 1) / S * self.nbytes, self.blocked, self.parts_of)
+        return self._sum
+
+    def delivered(self) -> torch.Tensor:
+        """This rank's share of the sum (waits for it): its tensor plus what its own encodings lost."""
+        self.wait()
+        return self._mine[: self.numel]
+
+
+def _bytes_by_part(values_of: Mapping[str, int] | None, payload: int, numel: int) -> dict[str, int] | None:
+    """A payload of `payload` bytes for `numel` values split in proportion to `values_of` (whole bytes that sum to
+    `payload`: the last part takes the padding and the rounding)."""
+    if not values_of:
+        return None
+    names = list(values_of)
+    parts = {n: payload * values_of[n] // numel for n in names[:-1]}
+    parts[names[-1]] = payload - sum(parts.values())
+    return parts

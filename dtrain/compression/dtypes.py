@@ -5,8 +5,9 @@
 - int8, fp8 (e4m3): 8 bits per value with one fp32 scale per column, for the factors of rank-dAD's all-gather
   forms. A column c is sent as round(x / s_c) in int8 with s_c = max|x_c| / 127, or as x / s_c in e4m3 with
   s_c = max|x_c| / 448 (e4m3's largest finite value), so the largest entry of each column keeps its full
-  precision and a column of zeros stays zeros. Only for codecs that gather each rank's tensor as it was sent: an
-  all-reduce would have to sum int8 values, which overflows, and scales that differ between ranks.
+  precision and a column of zeros stays zeros. Gathered as sent by rank-dAD's all-gather forms; summed forms
+  cannot add 8-bit values with per-rank scales in place (the sum overflows, the scales differ), so they send
+  them through `Comm.all_reduce_quantized_async`, whose columns are blocks of at most `QUANT_BLOCK` values.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 #: 8-bit formats: (storage dtype, largest magnitude a scaled value may take)
 QUANTIZED = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
 _SCALE_BYTES = 4  # one fp32 scale per column
+#: the most values per fp32 scale in a summed 8-bit tensor (`Comm.all_reduce_quantized_async`): the scales add
+#: at least 4/128 ≈ 3% to its bytes, and a block this small mostly sits inside one factor column
+QUANT_BLOCK = 128
 
 
 def wire_dtype(name: str) -> torch.dtype:
@@ -28,6 +32,28 @@ def wire_dtype(name: str) -> torch.dtype:
 
 def element_size(name: str) -> int:
     return QUANTIZED[name][0].itemsize if name in QUANTIZED else WIRE_DTYPES[name].itemsize
+
+
+def summed_value_bytes(name: str) -> float:
+    """Bytes per value of a large tensor summed over ranks in wire format `name` (8-bit: with the block scales)."""
+    return element_size(name) + (_SCALE_BYTES / QUANT_BLOCK if name in QUANTIZED else 0.0)
+
+
+def quantized_sum_bytes(name: str, numel: int, world_size: int) -> int:
+    """Payload of `numel` values summed by `Comm.all_reduce_quantized_async` at world size S: S chunks of
+    `quantized_layout` blocks, each block its 8-bit values and one fp32 scale."""
+    blocks, size = quantized_layout(numel, world_size)
+    return world_size * matrix_bytes(name, size, blocks)
+
+
+def quantized_layout(numel: int, world_size: int) -> tuple[int, int]:
+    """(blocks per chunk, values per block) when `numel` values are summed in 8 bits at world size S: each rank's
+    chunk of ⌈numel / S⌉ values in as few equal blocks of at most `QUANT_BLOCK` values as hold it, so that the
+    padding stays below one value per block (a fixed block size would pad a small tensor at a large S up to
+    S blocks)."""
+    chunk = max(1, -(-numel // world_size))
+    blocks = -(-chunk // QUANT_BLOCK)
+    return blocks, -(-chunk // blocks)
 
 
 def matrix_bytes(name: str, rows: int, cols: int) -> int:

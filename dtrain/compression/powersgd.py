@@ -4,7 +4,8 @@ Per step, after `start_step` steps of plain all-reduce (torch's `start_powerSGD_
 - vectors, scalars and matrices not worth compressing: exact mean, bucketed fp32 all-reduce;
 - every other gradient, viewed as M = (shape[0], numel / shape[0]) like torch's hook, plus its error-feedback
   residual: one step of subspace iteration from last step's Q (warm start), P and Q all-reduced in
-  `comm.factor_dtype`; the delivered gradient is P Qᵀ, the same on every rank.
+  `comm.factor_dtype` (int8/fp8 through `Comm.all_reduce_quantized_async`); the delivered gradient is P Qᵀ, the
+  same on every rank.
 
 Pieces, GRACE-style: `matrix_plan` decides what is compressed, `power_iteration_mean` is the compressor (it
 talks to other ranks only through the sum function it is given, so it runs without a process group),
@@ -25,7 +26,7 @@ from torch import nn
 from .base import CommStats, Strategy
 from .buckets import BucketedMean, grad_or_zeros, trainable_parameters
 from .comm import Comm
-from .dtypes import wire_dtype
+from .dtypes import QUANTIZED, quantized_sum_bytes, wire_dtype
 from .lowrank import orthonormalize
 from .memory import ErrorFeedback, TensorMemory
 
@@ -89,11 +90,24 @@ def power_iteration_mean(
 def _sum_packed(
     tensors: list[torch.Tensor], plans: Sequence[MatrixPlan], all_reduce: SumAcrossRanks, name: str, dtype: torch.dtype
 ) -> list[torch.Tensor]:
-    """Sum over ranks of several tensors in one collective, sent as `dtype`, returned in their own dtype."""
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    """Sum over ranks of several n × r tensors in one collective, sent as `dtype`, returned in their own dtype.
+    Packed column after column: an 8-bit sum scales each block of consecutive values by its largest, and a
+    factor's columns differ in size by their singular values."""
+    flat = torch.cat([t.T.reshape(-1).to(dtype) for t in tensors])
     all_reduce(flat, name, parts={plan.name: t.numel() * flat.element_size() for plan, t in zip(plans, tensors)})
     chunks = flat.split([t.numel() for t in tensors])
-    return [chunk.view_as(t).to(t.dtype) for chunk, t in zip(chunks, tensors)]
+    return [chunk.view(t.shape[1], t.shape[0]).T.to(t.dtype) for chunk, t in zip(chunks, tensors)]
+
+
+def quantized_sum(comm: Comm, fmt: str) -> SumAcrossRanks:
+    """A `SumAcrossRanks` that sends an fp32 tensor in the 8-bit format `fmt` (`Comm.all_reduce_quantized_async`)
+    and writes the sum, the same on every rank, back into it."""
+
+    def sum_(tensor: torch.Tensor, name: str, *, parts: Mapping[str, int]) -> torch.Tensor:
+        values_of = {n: nbytes // tensor.element_size() for n, nbytes in parts.items()}
+        return tensor.copy_(comm.all_reduce_quantized_async(tensor, name, fmt, values_of).wait())
+
+    return sum_
 
 
 def initial_factor(
@@ -113,7 +127,10 @@ class PowerSGD(Strategy):
     def __init__(self, options: Any, group: dist.ProcessGroup | None = None) -> None:
         self.cfg = options
         self.comm = Comm(group)
-        self.factor_dtype = wire_dtype(options.factor_dtype)
+        # 8-bit factors: fp32 into the quantized all-reduce, which encodes them; others are cast for the wire
+        self.quantized = options.factor_dtype in QUANTIZED
+        self.factor_dtype = torch.float32 if self.quantized else wire_dtype(options.factor_dtype)
+        self.sum_factors = quantized_sum(self.comm, options.factor_dtype) if self.quantized else self.comm.all_reduce_
         self.step = 0
         self.residuals = ErrorFeedback()
         self.factors = TensorMemory()
@@ -156,7 +173,7 @@ class PowerSGD(Strategy):
         fresh = iter(initial_factor(cold, self.step, matrices[0].dtype, matrices[0].device))
         qs = [next(fresh) if q is None else q for q in qs]
         approximations, qs = power_iteration_mean(
-            matrices, qs, plans, self.comm.all_reduce_, self.comm.world_size, self.factor_dtype
+            matrices, qs, plans, self.sum_factors, self.comm.world_size, self.factor_dtype
         )
         # P and Q are all-reduced, so the approximations are the same on every rank and so is this decision: a
         # non-finite step (the trainer's nan_policy skips it) leaves residuals and warm starts as they were,
@@ -180,6 +197,11 @@ class PowerSGD(Strategy):
             raise RuntimeError("powersgd: bytes_per_step() before attach()")
         if step < self.cfg.start_step:
             return self.plain.nbytes
+        if self.quantized:  # P and Q: two quantized sums, each padded to whole blocks
+            S, fmt = self.comm.world_size, self.cfg.factor_dtype
+            p_numel = sum(plan.rows * plan.rank for plan, _ in self.compressed)
+            q_numel = sum(plan.cols * plan.rank for plan, _ in self.compressed)
+            return self.raw.nbytes + quantized_sum_bytes(fmt, p_numel, S) + quantized_sum_bytes(fmt, q_numel, S)
         factor_numel = sum(plan.factor_numel for plan, _ in self.compressed)
         return self.raw.nbytes + factor_numel * self.factor_dtype.itemsize
 

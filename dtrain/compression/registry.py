@@ -40,10 +40,6 @@ def _budget_rule(o: Any) -> None:
         raise ValueError("a rank budget re-plans from the measured spectra: comm.spectrum_every must be > 0")
 
 
-#: factor formats that need each rank's tensor gathered as sent (an all-reduce would sum 8-bit values)
-_GATHER_ONLY_FORMATS = ("int8", "fp8")
-
-
 def _auto_rules(o: Any) -> None:
     if o.rankdad_mode == "alternating":
         raise ValueError(
@@ -61,22 +57,9 @@ def _alternating_rule(o: Any) -> None:
         )
 
 
-def _summed_factors_rule(strategy: str):
-    def rule(o: Any) -> None:
-        if strategy == "rankdad":
-            _budget_rule(o)
-            _alternating_rule(o)
-        mode = getattr(o, "rankdad_mode", None)
-        summed = strategy == "powersgd" or mode in ("allreduce", "alternating")
-        if summed and o.factor_dtype in _GATHER_ONLY_FORMATS:
-            what = "comm.strategy='powersgd'" if strategy == "powersgd" else f"comm.rankdad_mode={mode!r}"
-            raise ValueError(
-                f"comm.factor_dtype={o.factor_dtype!r} with {what}: its factors are summed by all-reduce, and a sum "
-                "of 8-bit values with per-rank scales overflows; use bf16/fp16 there, or int8/fp8 with "
-                "comm.strategy=rankdad and comm.rankdad_mode=oneway or twoway"
-            )
-
-    return rule
+def _rankdad_rules(o: Any) -> None:
+    _budget_rule(o)
+    _alternating_rule(o)
 
 
 @dataclass(frozen=True)
@@ -130,7 +113,6 @@ STRATEGIES: dict[str, StrategySpec] = {
             False,
             "our PowerSGD: rank-r factors all-reduced, error feedback, warm start",
             ("bucket_mb", *_LOWRANK, "start_step", "min_compression_rate"),
-            _summed_factors_rule("powersgd"),
         ),
         StrategySpec(
             "dad",
@@ -145,7 +127,7 @@ STRATEGIES: dict[str, StrategySpec] = {
             False,
             "rank-dAD: Linear layers send k low-rank factors of Δᵀ A",
             (*_RANKDAD, *_BUDGET),
-            _summed_factors_rule("rankdad"),
+            _rankdad_rules,
         ),
         StrategySpec(
             "auto",

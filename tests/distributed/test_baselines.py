@@ -40,6 +40,7 @@ TRAINED = {
     "powersgd": dict(strategy="powersgd", rank=RANK, start_step=START),
     "powersgd-bf16": dict(strategy="powersgd", rank=RANK, start_step=START, factor_dtype="bf16"),
     "powersgd-rank1-fp16": dict(strategy="powersgd", rank=1, start_step=START, factor_dtype="fp16"),
+    "powersgd-int8": dict(strategy="powersgd", rank=RANK, start_step=START, factor_dtype="int8"),
 }
 # one step from a fresh strategy; powersgd-full-rank is restored past its warm-up (start_step) first
 ONE_STEP = {
@@ -104,7 +105,7 @@ def _trained(rank: int, world: int, cfg: dict, steps: int = STEPS) -> dict[str, 
     fwd = strategy.attach(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     stats = _train(model, strategy, fwd, opt, range(steps), rank, world)
-    out = {"stats": stats, "params": _params(model), "grads": _grads(model)}
+    out = {"stats": stats, "params": _params(model), "grads": _grads(model), "describe": strategy.describe()}
     if cfg["strategy"] == "ddp-powersgd":
         out["torch_compression_stats"] = strategy.hook.state.compression_stats()
     return out
@@ -321,6 +322,31 @@ def test_powersgd_bytes_follow_the_closed_form(world, name, factor_bytes, rank):
     for res in _run(f"trained-{name}", world):
         for step, s in enumerate(res["stats"]):
             _assert_bytes(s, dense if step < START else compressed, world)
+
+
+@WORLDS
+def test_powersgd_with_8_bit_factors_sends_two_quantized_sums(world):
+    """P (all compressed matrices' rows × r) and Q (cols × r) each go in one 8-bit sum, each block of values with
+    one fp32 scale; what is not compressed goes raw in fp32."""
+    fp32 = _powersgd_bytes(RANK, 4)
+    dense = {n: k * 4 for n, k in _numels().items()}
+    compressed = [n for n in fp32 if fp32[n] != dense[n]]
+    shapes = {n: p.shape for n, p in seeded_encoder().named_parameters()}
+
+    def quantized(numel: int) -> int:  # S chunks of ⌈numel / S⌉ values in the fewest equal blocks of ≤ 128
+        chunk = -(-numel // world)
+        blocks = -(-chunk // 128)
+        return world * blocks * (-(-chunk // blocks) + 4)
+
+    p_numel = sum(shapes[n][0] * min(RANK, *shapes[n]) for n in compressed)
+    q_numel = sum(shapes[n][1] * min(RANK, *shapes[n]) for n in compressed)
+    expected = sum(v for n, v in dense.items() if n not in compressed) + quantized(p_numel) + quantized(q_numel)
+    for res in _run("trained-powersgd-int8", world):
+        assert res["describe"]["bytes_per_step_compressed"] == expected  # the strategy's own closed form
+        for s in res["stats"][START:]:
+            assert s["bytes_sent"] == expected
+            assert s["wire_bytes"] == pytest.approx(2 * (world - 1) / world * expected)
+            assert sum(s["per_layer"].values()) == expected and set(s["per_layer"]) == set(dense)
 
 
 @WORLDS

@@ -50,8 +50,21 @@ SUITE = {
         STEPS,
     ),
     "rankdad-allreduce-fp16": (dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", factor_dtype="fp16"), 1),
+    # 8-bit factors and rest, summed by the quantized all-reduce
+    "rankdad-allreduce-int8": (
+        dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", factor_dtype="int8", rest_dtype="int8"),
+        STEPS,
+    ),
+    "rankdad-allreduce-exact-int8": (
+        dict(strategy="rankdad", rank=32, rankdad_mode="allreduce", factor_dtype="int8"),
+        1,
+    ),
     # the alternating all-reduce form: P on even steps, Q on odd ones (one all-reduce per step)
     "rankdad-alternating-ef": (dict(strategy="rankdad", rank=2, rankdad_mode="alternating"), STEPS),
+    "rankdad-alternating-fp8": (
+        dict(strategy="rankdad", rank=2, rankdad_mode="alternating", factor_dtype="fp8"),
+        STEPS,
+    ),
     "rankdad-alternating-noef": (
         dict(strategy="rankdad", rank=2, rankdad_mode="alternating", error_feedback=False, overlap=False),
         1,
@@ -90,6 +103,7 @@ def _train(rank: int, world: int, fields: dict, steps: int) -> dict:
             state = strategy.state_dict()
             residuals = state.get("residuals", state.get("subspace_residuals", {}))
             res["residuals"] = {k: v.clone() for k, v in residuals.items()}
+            res["rest_residual"] = state.get("rest_residual")
         opt.step()
     res["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     res["describe"] = strategy.describe()
@@ -145,6 +159,31 @@ def test_first_step_gradient_equals_the_global_batch_oracle(world, config):
     for rank, res in enumerate(_run(config, world)):
         for name, g in oracle.items():
             assert rel(res["grads"][name], g) < tolerance, (rank, name)
+
+
+@WORLDS
+def test_first_step_with_8_bit_factors_is_the_oracle_to_their_precision(world):
+    """k = min(in, out) spans the whole gradient, so P's rounding changes nothing: what is left is Q's, S + 1
+    encodings of at most half an int8 step (1/254 of a block's largest value) each; allowing entries 4× below
+    their block's largest on average, not a low-rank error (a misplaced factor would be off by ~1)."""
+    oracle = oracle_grads(GLOBAL_BATCH)
+    bound = (world + 1) * 4 / 254
+    for res in _run("rankdad-allreduce-exact-int8", world):
+        errors = [rel(res["grads"][f"{layer}.weight"], oracle[f"{layer}.weight"]) for layer in LAYERS]
+        assert max(errors) < bound and min(errors) > 1e-6, errors
+
+
+@WORLDS
+def test_an_8_bit_rest_feeds_back_exactly_what_its_quantized_sum_lost(world):
+    runs = _run("rankdad-allreduce-int8", world)
+    rest = [n for n, _ in seeded_encoder().named_parameters() if n not in {f"{layer}.weight" for layer in LAYERS}]
+
+    def flat(grads: dict) -> torch.Tensor:
+        return torch.cat([grads[n].reshape(-1) for n in rest])
+
+    kept = sum(flat(local_grads(GLOBAL_BATCH, r, world)) - runs[r]["rest_residual"] for r in range(world))
+    assert rel(kept / world, flat(runs[0]["grads"])) < 1e-5
+    assert runs[0]["rest_residual"].abs().max() > 0
 
 
 @pytest.mark.parametrize("mode", ["oneway", "twoway", "allreduce"])
@@ -236,12 +275,15 @@ def test_alternating_second_step_projects_on_the_subspace_the_first_found(world)
         "rankdad-twoway-fp8",
         "rankdad-allreduce-ef",
         "rankdad-alternating-ef",
+        "rankdad-allreduce-int8",
+        "rankdad-alternating-fp8",
     ],
 )
 def test_error_feedback_residuals_hold_exactly_what_the_delivered_gradient_misses(world, config):
     """mean_i (G_i + 0 − E_i) = delivered: with fp16 factors for the all-gather forms (the residual must use the
     factors as sent). The all-reduce form sums its factors on the wire, in the factor dtype: what a 16-bit sum
-    rounds away is no rank's own, so exactness holds for fp32 factors (the fp16 case is the next test)."""
+    rounds away is no rank's own, so exactness holds for fp32 factors (the fp16 case is the next test) and for
+    8-bit ones, whose quantized sum tells each rank what its own encodings lost."""
     runs = _run(config, world)
     for layer in LAYERS:
         name = f"{layer}.weight"
@@ -283,6 +325,7 @@ def _dims(model: ToyEncoder) -> dict[str, tuple[int, int]]:
         "rankdad-oneway-fp16",
         "rankdad-oneway-int8",
         "rankdad-allreduce-fp16",
+        "rankdad-allreduce-int8",
         "auto",
     ],
 )
@@ -295,6 +338,13 @@ def test_bytes_per_step_equal_the_closed_form(world, config):
     factor_bytes = {"fp16": 2, "int8": 1}.get(fields.get("factor_dtype"), 4)
     scale_bytes = 4 if fields.get("factor_dtype") == "int8" else 0  # one fp32 scale per column of P and of Q
 
+    def quantized(numel: int) -> int:
+        """An 8-bit sum: S chunks of ⌈numel / S⌉ values in the fewest equal blocks of ≤ 128 values, each block
+        its bytes and one fp32 scale."""
+        chunk = -(-numel // world)
+        blocks = -(-chunk // 128)
+        return world * blocks * (-(-chunk // blocks) + 4)
+
     def closed_form(methods: dict[str, str], counted: int) -> int:
         """`counted`: layers in the (rows, extra-dense flag) int64 exchange; allreduce layers go with the rest."""
         captured = [layer for layer, m in methods.items() if m != "allreduce"]
@@ -306,10 +356,16 @@ def test_bytes_per_step_equal_the_closed_form(world, config):
             elif methods[layer] == "rankdad":  # one all-gather of this rank's k columns of P and Q
                 k = min(fields.get("rank", 4), i, o, rows)
                 total += k * (i + o) * factor_bytes + 2 * k * scale_bytes
+            elif fields.get("factor_dtype") == "int8":  # P per layer (launched in backward), Q coalesced below
+                total += quantized(min(fields.get("rank", 4), i, o, world * rows) * o)
             else:  # all-reduce form: P (out × k) and Q (in × k) summed, k bounded by all ranks' rows
                 total += min(fields.get("rank", 4), i, o, world * rows) * (i + o) * factor_bytes
-        rest = [n for n in numel if n not in {f"{layer}.weight" for layer in captured}]
-        return total + 4 * sum(numel[n] for n in rest)
+        if fields.get("factor_dtype") == "int8" and methods[captured[0]] == "rankdad-allreduce":
+            total += quantized(
+                sum(min(fields.get("rank", 4), *dims[la], world * rows) * dims[la][0] for la in captured)
+            )
+        rest = sum(numel[n] for n in numel if n not in {f"{layer}.weight" for layer in captured})
+        return total + (quantized(rest) if fields.get("rest_dtype") == "int8" else 4 * rest)
 
     for r in _run(config, world):
         if config == "auto":

@@ -59,11 +59,21 @@ def _alternating(**options) -> SubspaceCodec:
     return codec
 
 
-@pytest.mark.parametrize("make, steps", [(_factors, 4), (_alternating, 5)], ids=["factors", "alternating"])
-def test_error_feedback_adds_up_over_steps(make, steps):
+def _summed(**options) -> SubspaceCodec:
+    codec = SubspaceCodec(CommConfig(strategy="rankdad", rankdad_mode="allreduce", **options).options())
+    codec.bind(["layer"])
+    return codec
+
+
+@pytest.mark.parametrize(
+    "make, steps, fmt",
+    [(_factors, 4, "bf16"), (_alternating, 5, "bf16"), (_alternating, 5, "int8"), (_summed, 4, "fp8")],
+    ids=["factors", "alternating", "alternating-int8", "allreduce-fp8"],
+)
+def test_error_feedback_adds_up_over_steps(make, steps, fmt):
     """Σ_steps gradients = Σ_steps delivered + last residual (the ErrorFeedback invariant, per layer); alternating
-    over P and Q steps."""
-    codec, comm = make(rank=1, factor_dtype="bf16"), Comm()
+    over P and Q steps; 8-bit factors through the quantized sum, whose losses the residual holds too."""
+    codec, comm = make(rank=1, factor_dtype=fmt), Comm()
     total_grad = torch.zeros(OUT, IN, dtype=torch.float64)
     total_delivered = torch.zeros_like(total_grad)
     for step in range(steps):

@@ -74,9 +74,11 @@ def test_rest_dtype_is_refused_for_strategies_that_do_not_split_the_rest():
     [
         dict(strategy="powersgd", factor_dtype="int8"),
         dict(strategy="rankdad", rankdad_mode="allreduce", factor_dtype="fp8"),
+        dict(strategy="rankdad", rankdad_mode="alternating", factor_dtype="int8", rest_dtype="int8"),
+        dict(strategy="rankdad", rankdad_mode="twoway", factor_dtype="int8", rest_dtype="fp8"),
+        dict(strategy="auto", factor_dtype="int8", rest_dtype="int8"),
     ],
 )
-def test_8bit_factors_are_refused_where_factors_are_summed(fields):
-    with pytest.raises(ValueError, match="summed by all-reduce.*overflows"):
-        CommConfig(**fields)
-    CommConfig(strategy="rankdad", rankdad_mode="twoway", factor_dtype="int8")  # gathered as sent: fine
+def test_8bit_formats_are_taken_wherever_our_strategies_send_factors_or_the_rest(fields):
+    options = CommConfig(**fields).options()
+    assert options.factor_dtype == fields["factor_dtype"]

@@ -41,31 +41,63 @@ residuals and warm starts as they were (`end_step`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import torch
 
 from ... import metrics
 from ..capture import LinearCapture
-from ..comm import AsyncReduce, Comm
-from ..dtypes import element_size, wire_dtype
+from ..comm import AsyncQuantizedReduce, AsyncReduce, Comm
+from ..dtypes import QUANTIZED, summed_value_bytes, wire_dtype
 from ..lowrank import Dense, OuterProduct, effective_rank, orthonormalize
 from .base import LayerCodec, LayerStep, Pending
 from .factor_memory import FactorMemory
 
 
-def _part(handle: AsyncReduce, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor's share of a coalesced all-reduce, waited for, in its own dtype."""
-    return handle.wait()[offset : offset + shape.numel()].view(shape).to(dtype)
-
-
 class _Share:
-    """One layer's first factor (P, or Q on an alternating Q step) in a coalesced all-reduce, standing in for its
-    own collective in a `Pending`."""
+    """One tensor's part of a coalesced sum over ranks in flight, standing in for its own collective in a `Pending`:
+    `wait()` gives its sum, `mine()` what this rank contributed as the wire carried it (error feedback's delivered
+    share; None unless it was asked for), both in the tensor's shape and dtype. `handle` is the collective
+    (`AsyncReduce` or `AsyncQuantizedReduce`), whose timing the overlap scheduler reads; `delivered` gives the
+    whole flat delivered buffer; `transposed`: the tensor was flattened column after column."""
 
-    def __init__(self, part: Callable[[], torch.Tensor]) -> None:
-        self.wait = part
+    def __init__(
+        self,
+        handle: AsyncReduce | AsyncQuantizedReduce,
+        delivered: Callable[[], torch.Tensor] | None,
+        span: tuple[int, int],
+        like: torch.Tensor,
+        transposed: bool,
+    ) -> None:
+        self.handle, self._delivered, self._span = handle, delivered, span
+        self._shape, self._dtype, self._transposed = like.shape, like.dtype, transposed
+
+    # the collective's timing and size, for the overlap scheduler's report
+    def poll(self) -> None:
+        self.handle.poll()
+
+    @property
+    def launched(self) -> float:
+        return self.handle.launched
+
+    @property
+    def done(self) -> float | None:
+        return self.handle.done
+
+    @property
+    def nbytes(self) -> int:
+        return self.handle.nbytes
+
+    def _view(self, flat: torch.Tensor) -> torch.Tensor:
+        part = flat[self._span[0] : self._span[1]]
+        rows, cols = self._shape
+        return (part.view(cols, rows).T if self._transposed else part.view(rows, cols)).to(self._dtype)
+
+    def wait(self) -> torch.Tensor:
+        return self._view(self.handle.wait())
+
+    def mine(self) -> torch.Tensor | None:
+        return None if self._delivered is None else self._view(self._delivered())
 
 
 class SubspaceCodec(LayerCodec):
@@ -73,7 +105,9 @@ class SubspaceCodec(LayerCodec):
 
     def __init__(self, options: Any) -> None:
         self.options = options
-        self.factor_dtype = wire_dtype(options.factor_dtype)
+        # 8-bit factors are summed by a quantized all-reduce (`Comm.all_reduce_quantized_async`), others cast
+        self.quantized = options.factor_dtype in QUANTIZED
+        self.factor_dtype = None if self.quantized else wire_dtype(options.factor_dtype)
         # auto builds this codec from its own options too, whose rankdad_mode names its all-gather form
         self.mode = "alternating" if options.rankdad_mode == "alternating" else "allreduce"
         self.alternating = self.mode == "alternating"
@@ -88,35 +122,30 @@ class SubspaceCodec(LayerCodec):
         or the layer's rank from a budget."""
         return self.memory.ranks.rank(name, in_features, out_features, rows)
 
-    def _reduce(
-        self, comm: Comm, t: torch.Tensor, name: str, keep_mine: bool
-    ) -> tuple[AsyncReduce, torch.Tensor | None]:
-        """Start the all-reduce of `t` in the wire dtype; `.wait()` gives the sum back. With `keep_mine`, also `t`
-        as cast for the wire, in its own dtype (what this rank contributed: error feedback's delivered share)."""
-        sent = t.to(self.factor_dtype)
-        mine = sent.to(t.dtype) if keep_mine else None  # `t` itself in fp32: it is not written to afterwards
-        return comm.all_reduce_async(sent.clone() if sent is t else sent, name), mine
-
-    def _reduce_all(
-        self, comm: Comm, tensors: list[torch.Tensor], names: list[str], keep_mine: bool
-    ) -> tuple[list[Callable[[], torch.Tensor]], list[torch.Tensor | None]]:
-        """One all-reduce of all `tensors` (the layers' P or Q factors, flattened into one buffer in the wire
-        dtype, so L layers cost one round trip instead of L); returns per tensor a function giving its sum
-        (waiting on the first call) and, with `keep_mine`, the cast value this rank contributed (error feedback
-        needs it), in the tensor's dtype."""
-        flat = torch.cat([t.reshape(-1).to(self.factor_dtype) for t in tensors])
-        size = flat.element_size()
-        parts = {name: t.numel() * size for name, t in zip(names, tensors)}
-        # copied before the launch: the all-reduce overwrites `flat` in place
-        mine = flat.clone() if keep_mine else None
-        handle = comm.all_reduce_async(flat, f"{self.name}/{names[0].rsplit('/', 1)[-1]}", parts)
-        sums, kept, offset = [], [], 0
+    def _reduce_all(self, comm: Comm, tensors: list[torch.Tensor], names: list[str], keep_mine: bool) -> list[_Share]:
+        """One all-reduce of all `tensors` (the layers' out × k or in × k factors, flattened into one buffer in the
+        wire format, so L layers cost one round trip instead of L); per tensor a `_Share`. With `keep_mine` its
+        `mine()` is what this rank delivered: the cast it sent, or (8-bit) its tensor plus what its encodings lost
+        (`AsyncQuantizedReduce`)."""
+        label = f"{self.name}/{names[0].rsplit('/', 1)[-1]}"
+        spans, offset = [], 0
         for t in tensors:
-            n = t.numel()
-            sums.append(partial(_part, handle, offset, t.shape, t.dtype))
-            kept.append(mine[offset : offset + n].view(t.shape).to(t.dtype) if mine is not None else None)
-            offset += n
-        return sums, kept
+            spans.append((offset, offset + t.numel()))
+            offset += t.numel()
+        if self.quantized:
+            # column after column, so that a block of values shares one column's scale
+            flat = torch.cat([t.T.reshape(-1).float() for t in tensors])
+            values_of = {n: t.numel() for n, t in zip(names, tensors)}
+            handle = comm.all_reduce_quantized_async(flat, label, self.options.factor_dtype, values_of)
+            delivered = handle.delivered if keep_mine else None
+        else:
+            flat = torch.cat([t.reshape(-1).to(self.factor_dtype) for t in tensors])
+            size = flat.element_size()
+            # copied before the launch: the all-reduce overwrites `flat` in place
+            sent = flat.clone() if keep_mine else None
+            handle = comm.all_reduce_async(flat, label, {n: t.numel() * size for n, t in zip(names, tensors)})
+            delivered = None if sent is None else lambda: sent
+        return [_Share(handle, delivered, span, t, self.quantized) for span, t in zip(spans, tensors)]
 
     def _in_order(self, items: list, layer_of: Callable[[Any], LayerStep]) -> list:
         """`items` in registration order of their layers, the layout of a coalesced buffer."""
@@ -152,10 +181,9 @@ class SubspaceCodec(LayerCodec):
         if started is None:
             return Pending(layer, None)
         data, mine = started
-        side = data.get("side", "P")
-        keep = self.alternating and self.options.error_feedback
-        handle, data["sent"] = self._reduce(comm, mine, f"{layer.capture.name}/{side}", keep)
-        return Pending(layer, handle, data)
+        name = f"{layer.capture.name}/{data.get('side', 'P')}"
+        (share,) = self._reduce_all(comm, [mine], [name], keep_mine=self.alternating and self.options.error_feedback)
+        return Pending(layer, share, data)
 
     def launch_all(self, layers: Sequence[LayerStep], comm: Comm) -> list[Pending]:
         """After backward (comm.overlap off): every layer's first factor in ONE all-reduce, in registration
@@ -166,10 +194,8 @@ class SubspaceCodec(LayerCodec):
         if live:
             names = [f"{la.capture.name}/{started[id(la)][0].get('side', 'P')}" for la in live]
             keep = self.alternating and self.options.error_feedback
-            parts, sent = self._reduce_all(comm, [started[id(la)][1] for la in live], names, keep_mine=keep)
-            sums = {id(la): _Share(part) for la, part in zip(live, parts)}
-            for la, mine in zip(live, sent):
-                started[id(la)][0]["sent"] = mine
+            shares = self._reduce_all(comm, [started[id(la)][1] for la in live], names, keep_mine=keep)
+            sums = {id(la): share for la, share in zip(live, shares)}
         return [Pending(la, sums[id(la)], started[id(la)][0]) if id(la) in sums else Pending(la, None) for la in layers]
 
     def finish(self, pending: Pending, comm: Comm) -> torch.Tensor | None:
@@ -192,11 +218,13 @@ class SubspaceCodec(LayerCodec):
                 p_hats = [orthonormalize(s().to(p.layer.capture.weight.dtype)) for s, p in zip(p_sums, live)]
                 q_mine = [p.data["op"].rmm(p_hat) for p, p_hat in zip(live, p_hats)]
                 q_names = [f"{p.layer.capture.name}/Q" for p in live]
-                q_sums, q_sent = self._reduce_all(comm, q_mine, q_names, keep_mine=self.options.error_feedback)
-                qs = [s() for s in q_sums]
+                q_shares = self._reduce_all(comm, q_mine, q_names, keep_mine=self.options.error_feedback)
+                qs = [share.wait() for share in q_shares]
                 if iteration + 1 < self.options.power_iters:
                     p_next = [p.data["op"].mm(q) for p, q in zip(live, qs)]
-                    p_sums, _ = self._reduce_all(comm, p_next, [f"{p.layer.capture.name}/P" for p in live], False)
+                    p_names = [f"{p.layer.capture.name}/P" for p in live]
+                    p_sums = [share.wait for share in self._reduce_all(comm, p_next, p_names, False)]
+            q_sent = [share.mine() for share in q_shares]
             for p, p_hat, q, sent in zip(live, p_hats, qs, q_sent):
                 grads[id(p)] = self._decoded(p, p_hat, q, sent, comm)
         return [grads.get(id(p)) for p in pendings]
@@ -211,7 +239,7 @@ class SubspaceCodec(LayerCodec):
     def _decoded_alternating(self, pending: Pending, summed: torch.Tensor, comm: Comm) -> torch.Tensor:
         """A P step's G = P Q̂ᵀ / S or a Q step's G = P̂ Qᵀ / S, from the step's one sum."""
         data = pending.data
-        basis, sent, S = data["basis"], data["sent"], comm.world_size
+        basis, sent, S = data["basis"], pending.gather.mine(), comm.world_size
         if data["side"] == "P":  # kept transposed: the next step sees which side it was
             return self._record(pending, (summed / S) @ basis.T, summed, (sent, basis), comm, start=summed.T)
         return self._record(pending, basis @ (summed / S).T, summed, (basis, sent), comm)
@@ -261,7 +289,7 @@ class SubspaceCodec(LayerCodec):
         """What one factor column of P and of Q adds to a rank's link per step: 2(S−1)/S × its payload per
         power iteration (alternating: of the larger of P and Q, sent on every other step)."""
         S = world_size
-        size = element_size(self.options.factor_dtype)
+        size = summed_value_bytes(self.options.factor_dtype)
         if self.alternating:  # P (out) or Q (in), one per step: the larger, so that a budget holds at every step
             return 2.0 * (S - 1) / S * max(in_features, out_features) * size
         column = (in_features + out_features) * size
