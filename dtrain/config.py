@@ -281,13 +281,13 @@ class CommConfig(_Section):
     factor_dtype: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
         "fp32",
         description="wire format of the low-rank factors; int8 and fp8 (e4m3) carry one fp32 scale per column "
-        "(gathered forms) or per 128 values (summed forms: rankdad allreduce/alternating, powersgd)",
+        "(gathered forms) or per block of at most 128 values (summed forms: rankdad allreduce/alternating, powersgd)",
     )
     bucket_mb: float = Field(25.0, gt=0.0, le=1e6)
     rest_dtype: Literal["fp32", "bf16", "fp16", "int8", "fp8"] = Field(
         "fp32",
         description="dad/rankdad/auto: dtype of the uncaptured gradients (biases, norms, embeddings); "
-        "bf16/fp16/int8/fp8 are lossy with error feedback (8 bits: one fp32 scale per 128 values), fp32 is the "
+        "bf16/fp16/int8/fp8 are lossy with error feedback (8 bits: one fp32 scale per ≤ 128 values), fp32 is the "
         "exact all-reduce",
     )
     overlap: bool = Field(

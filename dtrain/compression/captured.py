@@ -190,8 +190,8 @@ class CapturedStrategy(Strategy):
         rest = sum(p.numel() for _, p in (self.source.rest if self.source is not None else []))
         if self.options.rest_dtype == "fp32":
             return counts + 2.0 * (S - 1) / S * 4 * rest
-        if self.options.rest_dtype in QUANTIZED:  # LossyRest: the quantized all-reduce at every S
-            return counts + 2.0 * (S - 1) / S * quantized_sum_bytes(self.options.rest_dtype, rest, S)
+        if self.options.rest_dtype in QUANTIZED:  # LossyRest: the quantized all-reduce at every S (none if empty)
+            return counts + (2.0 * (S - 1) / S * quantized_sum_bytes(self.options.rest_dtype, rest, S) if rest else 0)
         per_rank = (S - 1) if S <= 2 else 2.0 * (S - 1) / S  # LossyRest: all-gather, then all-reduce
         return counts + per_rank * wire_dtype(self.options.rest_dtype).itemsize * rest
 

@@ -135,6 +135,11 @@ class _InFlight:
         if self.done is None and self.work is not None and self.work.is_completed():
             self.done = time.perf_counter()
 
+    def drain(self) -> None:
+        """Wait for the collective in flight without accounting it (an error path)."""
+        if self.work is not None:
+            self.work.wait()
+
     def _complete(self, result: torch.Tensor, recv: int, wire: float) -> bool:
         """Wait for the collective (once) and charge it; False if it was already accounted."""
         if self._accounted:
@@ -217,9 +222,9 @@ class AsyncQuantizedReduce(_InFlight):
         padded = torch.zeros(S * self.blocks * self.block, dtype=torch.float32, device=tensor.device)
         padded[: self.numel] = tensor
         chunks = padded.view(S, self.blocks, self.block)
-        send = torch.stack([encode_columns(chunk.T, fmt) for chunk in chunks])
-        # this rank's tensor as its first encoding carries it (the second loss is added in wait())
-        self._mine = torch.stack([self._decode(row) for row in send]).reshape(-1)
+        self.send = torch.stack([encode_columns(chunk.T, fmt) for chunk in chunks])
+        send = self.send
+        self._owner_loss: torch.Tensor | None = None  # what encoding the sum this rank owns lost (set in wait())
         payload = send.numel()
         super().__init__(comm, name, payload, _bytes_by_part(values_of, payload, self.numel))
         self.recv = torch.empty_like(send) if S > 1 else send
@@ -246,8 +251,7 @@ class AsyncQuantizedReduce(_InFlight):
         for row in self.recv[1:]:
             owned += self._decode(row)
         encoded = encode_columns(owned.view(self.blocks, self.block).T, self.fmt)
-        size = owned.numel()
-        self._mine[comm.rank * size : (comm.rank + 1) * size] += self._decode(encoded) - owned
+        self._owner_loss = self._decode(encoded) - owned
         t0 = time.perf_counter()
         if S > 1:
             parts = [torch.empty_like(encoded) for _ in range(S)]
@@ -256,15 +260,25 @@ class AsyncQuantizedReduce(_InFlight):
         else:
             parts = [encoded]
         self.blocked += time.perf_counter() - t0
-        self.done = time.perf_counter()
+        self.done = time.perf_counter()  # the sum is complete only after the all_gather, not at the all_to_all
         self._sum = torch.cat([self._decode(part) for part in parts])[: self.numel]
         comm.account(self.name, self.nbytes, self.nbytes, 2.0 * (S - 1) / S * self.nbytes, self.blocked, self.parts_of)
         return self._sum
 
     def delivered(self) -> torch.Tensor:
-        """This rank's share of the sum (waits for it): its tensor plus what its own encodings lost."""
+        """This rank's share of the sum (waits for it): its tensor as its first encoding carried it, plus what
+        encoding the sum it owns lost. Decoded only when asked for (error feedback): most sums never are."""
         self.wait()
-        return self._mine[: self.numel]
+        assert self._owner_loss is not None
+        mine = torch.stack([self._decode(row) for row in self.send])
+        mine[self.comm.rank] += self._owner_loss
+        return mine.reshape(-1)[: self.numel]
+
+    def drain(self) -> None:
+        """Wait for the collective already in flight and start nothing (an error path: leave no collective
+        behind without pairing a new one with whatever the other ranks call next)."""
+        if self._sum is None and self.work is not None:
+            self.work.wait()
 
 
 def _bytes_by_part(values_of: Mapping[str, int] | None, payload: int, numel: int) -> dict[str, int] | None:
@@ -273,6 +287,6 @@ def _bytes_by_part(values_of: Mapping[str, int] | None, payload: int, numel: int
     if not values_of:
         return None
     names = list(values_of)
-    parts = {n: payload * values_of[n] // numel for n in names[:-1]}
+    parts = {n: payload * values_of[n] // max(numel, 1) for n in names[:-1]}
     parts[names[-1]] = payload - sum(parts.values())
     return parts

@@ -66,7 +66,9 @@ def encode_columns(m: torch.Tensor, name: str) -> torch.Tensor:
     storage, largest = QUANTIZED[name]
     m = m.float()
     scale = m.abs().amax(dim=0) / largest
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # a column of zeros gets scale 1; a NaN or inf scale stays, so the column decodes to non-finite values and the
+    # step is seen as non-finite downstream (int8 would turn NaN into a finite 0)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     scaled = m / scale
     values = scaled.round().clamp_(-largest, largest).to(storage) if storage == torch.int8 else scaled.to(storage)
     return torch.cat([scale.contiguous().view(torch.uint8), values.contiguous().view(torch.uint8).reshape(-1)])

@@ -194,8 +194,8 @@ class LayerScheduler:
         captures = self.captures()
         late = [c.name for c in captures if c.recorded_rows]
         if late:
-            for gather in rnd.gathers():  # leave no collective in flight behind the error
-                gather.wait()
+            for gather in rnd.gathers():  # leave no collective in flight behind the error, start none
+                gather.drain()
             for capture in captures:
                 capture.take()
             raise RuntimeError(

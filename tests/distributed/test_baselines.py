@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dtrain.compression import build_strategy
 from dtrain.compression.comm import Comm
-from dtrain.compression.powersgd import MatrixPlan, initial_factor, power_iteration_mean
+from dtrain.compression.powersgd import MatrixPlan, initial_factor, power_iteration_mean, quantized_sum
 from dtrain.config import CommConfig
 from tests.helpers.models import seeded_encoder, toy_batch
 from tests.helpers.oracles import assert_close, assert_same_on_all_ranks, local_grads, oracle_grads, rel
@@ -145,9 +145,9 @@ def _ddp_no_sync(rank: int, world: int) -> dict[str, Any]:
     return {"skipped": skipped, "local": local, "synced": synced, "accumulated": _grads(model)}
 
 
-def _full_rank_power_iteration(rank: int, world: int) -> dict[str, Any]:
+def _full_rank_power_iteration(rank: int, world: int, fmt: str = "fp32") -> dict[str, Any]:
     """The compressor itself at r = min(n, m), cold start, one step: P Pᵀ is the identity on the column space
-    of the mean, so the result is the exact mean."""
+    of the mean, so the result is the exact mean (8-bit factors: to their precision)."""
     per_rank = [
         [
             torch.randn(n, m, generator=torch.Generator().manual_seed(100 * r + i))
@@ -157,8 +157,9 @@ def _full_rank_power_iteration(rank: int, world: int) -> dict[str, Any]:
     ]
     plans = [MatrixPlan(f"m{i}", n, m, min(n, m)) for i, (n, m) in enumerate(FULL_RANK_SHAPES)]
     comm = Comm()
+    sum_ = comm.all_reduce_ if fmt == "fp32" else quantized_sum(comm, fmt)
     approx, _ = power_iteration_mean(
-        per_rank[rank], initial_factor(plans, 0, torch.float32), plans, comm.all_reduce_, comm.world_size, torch.float32
+        per_rank[rank], initial_factor(plans, 0, torch.float32), plans, sum_, comm.world_size, torch.float32
     )
     mean = [sum(ms) / world for ms in zip(*per_rank)]
     return {"approx": approx, "mean": mean, "stats": dataclasses.asdict(comm.reset())}
@@ -185,6 +186,7 @@ SCENARIOS: dict[str, Callable[[int, int], Any]] = {
     "ddp-no-sync": _ddp_no_sync,
     "missing-grads": _missing_grads,
     "full-rank-power-iteration": _full_rank_power_iteration,
+    "full-rank-power-iteration-int8": lambda rank, world: _full_rank_power_iteration(rank, world, "int8"),
 }
 
 
@@ -264,6 +266,17 @@ def test_full_rank_power_iteration_is_the_exact_mean(world):
         for got, want in zip(out["approx"], out["mean"]):
             assert rel(got, want) <= 1e-5
         assert out["stats"]["bytes_sent"] == sum((n + m) * min(n, m) * 4 for n, m in FULL_RANK_SHAPES)
+    assert_same_on_all_ranks([dict(enumerate(res["approx"])) for res in results])
+
+
+@WORLDS
+def test_full_rank_power_iteration_with_8_bit_factors_is_the_mean_to_their_precision(world):
+    """P's rounding changes no span at full rank; Q's sum is S + 1 encodings of at most half an int8 step (1/254
+    of a block's largest) each, allowing entries 4× below their block's largest (a misplaced factor: off by ~1)."""
+    results = _run("full-rank-power-iteration-int8", world)
+    for out in results:
+        for got, want in zip(out["approx"], out["mean"]):
+            assert 1e-6 < rel(got, want) < (world + 1) * 4 / 254
     assert_same_on_all_ranks([dict(enumerate(res["approx"])) for res in results])
 
 

@@ -55,6 +55,11 @@ SUITE = {
         dict(strategy="rankdad", rank=2, rankdad_mode="allreduce", factor_dtype="int8", rest_dtype="int8"),
         STEPS,
     ),
+    # without overlap: every layer's P in one 8-bit sum, and a second power iteration's P too
+    "rankdad-allreduce-exact-int8-nooverlap": (
+        dict(strategy="rankdad", rank=32, rankdad_mode="allreduce", factor_dtype="int8", overlap=False, power_iters=2),
+        1,
+    ),
     "rankdad-allreduce-exact-int8": (
         dict(strategy="rankdad", rank=32, rankdad_mode="allreduce", factor_dtype="int8"),
         1,
@@ -162,13 +167,14 @@ def test_first_step_gradient_equals_the_global_batch_oracle(world, config):
 
 
 @WORLDS
-def test_first_step_with_8_bit_factors_is_the_oracle_to_their_precision(world):
+@pytest.mark.parametrize("config", ["rankdad-allreduce-exact-int8", "rankdad-allreduce-exact-int8-nooverlap"])
+def test_first_step_with_8_bit_factors_is_the_oracle_to_their_precision(world, config):
     """k = min(in, out) spans the whole gradient, so P's rounding changes nothing: what is left is Q's, S + 1
     encodings of at most half an int8 step (1/254 of a block's largest value) each; allowing entries 4× below
     their block's largest on average, not a low-rank error (a misplaced factor would be off by ~1)."""
     oracle = oracle_grads(GLOBAL_BATCH)
     bound = (world + 1) * 4 / 254
-    for res in _run("rankdad-allreduce-exact-int8", world):
+    for res in _run(config, world):
         errors = [rel(res["grads"][f"{layer}.weight"], oracle[f"{layer}.weight"]) for layer in LAYERS]
         assert max(errors) < bound and min(errors) > 1e-6, errors
 

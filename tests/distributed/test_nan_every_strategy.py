@@ -14,9 +14,11 @@ from tests.helpers.launch import metrics, summary, train
 pytestmark = pytest.mark.faults
 
 
-# every strategy, and rank-dAD's all-reduce form (its own codec, its own memory)
+# every strategy, rank-dAD's all-reduce form (its own codec, its own memory) and its 8-bit sums (int8 would round
+# a NaN to a finite 0 if the block's scale did not keep it)
 VARIANTS = {name: (f"comm.strategy={name}",) for name in STRATEGY_NAMES}
 VARIANTS["rankdad-allreduce"] = ("comm.strategy=rankdad", "comm.rankdad_mode=allreduce")
+VARIANTS["rankdad-allreduce-int8"] = (*VARIANTS["rankdad-allreduce"], "comm.factor_dtype=int8", "comm.rest_dtype=int8")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -31,11 +31,16 @@ def _sum(rank: int, world: int, fmt: str) -> dict:
     total, delivered = handle.wait(), handle.delivered()
     again = handle.wait()
     tiny = comm.all_reduce_quantized_async(torch.full((3,), float(rank + 1)), "test/tiny", fmt).wait()
+    # two sums in flight, waited in the other order (as the overlap scheduler may): each its own sum
+    first = comm.all_reduce_quantized_async(torch.full((200,), float(rank)), "test/first", fmt)
+    second = comm.all_reduce_quantized_async(torch.full((50,), 2.0 * rank), "test/second", fmt)
+    crossed = (second.wait().clone(), first.wait().clone())
     return {
         "sum": total,
         "again": again,
         "delivered": delivered,
         "tiny": tiny,
+        "crossed": crossed,
         "stats": dataclasses.asdict(comm.reset()),
     }
 
@@ -72,6 +77,9 @@ def test_every_rank_gets_the_same_sum_within_two_encodings_of_the_exact_one(worl
     assert (error.view(blocks, size).amax(dim=1) <= bound * 1.001).all()
     assert torch.equal(runs[0]["sum"][100:300], torch.zeros(200))  # zeros stay zeros
     assert torch.allclose(runs[0]["tiny"], torch.full((3,), world * (world + 1) / 2), rtol=ENCODING_ERROR[fmt] * 2)
+    ranks = world * (world - 1) / 2  # Σ rank
+    second, first = runs[0]["crossed"]
+    assert torch.allclose(first, torch.full((200,), ranks)) and torch.allclose(second, torch.full((50,), 2 * ranks))
 
 
 @WORLDS
@@ -94,6 +102,7 @@ def test_bytes_are_the_padded_8_bit_payload_and_a_ring_s_share_on_the_wire(world
         # has chunks of 334 values in 3 blocks of 112, the others 1000 / S values in blocks of 125
         main = {1: 8 * 129, 2: 2 * 4 * 129, 3: 3 * 3 * 116, 4: 4 * 2 * 129}[world]
         payload = main + {1: 3 + 4, 2: 2 * (2 + 4), 3: 3 * (1 + 4), 4: 4 * (1 + 4)}[world]  # the 3-value tensor
+        payload += quantized_sum_bytes("int8", 200, world) + quantized_sum_bytes("int8", 50, world)
         assert quantized_sum_bytes("int8", NUMEL, world) == main
         assert s["bytes_sent"] == s["bytes_recv"] == payload
         assert s["wire_bytes"] == pytest.approx(2 * (world - 1) / world * payload)

@@ -141,3 +141,30 @@ def test_alternating_on_a_fixed_gradient_converges_to_its_best_rank_k_approximat
         grad = codec.finish(codec.launch(layer, comm), comm)
         codec.end_step()
     assert (grad - best).norm() / m.norm() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_8_bit_summed_factors_at_full_rank_decode_the_gradient_to_their_precision(fmt):
+    """k = min(in, out): P̂ spans the column space, so G = P̂ Qᵀ is Δᵀ A up to Q's two encodings (a factor packed
+    or unpacked in the wrong order would be off by ~1)."""
+    codec, comm = _summed(rank=min(IN, OUT), factor_dtype=fmt, error_feedback=False), Comm()
+    layer = _layer()
+    grad = codec.finish(codec.launch(layer, comm), comm)
+    exact = layer.delta.T @ layer.a
+    assert ((grad - exact).norm() / exact.norm()).item() < {"int8": 2 / 127, "fp8": 2 / 16}[fmt]
+
+
+@pytest.mark.parametrize("make", [_summed, _alternating], ids=["allreduce", "alternating"])
+def test_a_nan_survives_8_bit_factors_so_the_step_is_undone(make):
+    """int8 would round NaN to a finite 0: the block's scale keeps it, the decoded gradient is not finite, and the
+    step leaves residuals and warm starts as they were (not a NaN residual that zeroes every later step)."""
+    codec, comm = make(rank=2, factor_dtype="int8"), Comm()
+    codec.finish(codec.launch(_layer(), comm), comm)
+    codec.end_step()
+    residual, start = codec.memory.residuals.get("layer").clone(), codec.memory.starts.get("layer").clone()
+    bad = _layer(seed=1)
+    bad.delta[0, 0] = float("nan")
+    assert not torch.isfinite(codec.finish(codec.launch(bad, comm), comm)).all()
+    codec.end_step()
+    assert torch.equal(codec.memory.residuals.get("layer"), residual)
+    assert torch.equal(codec.memory.starts.get("layer"), start)

@@ -61,16 +61,24 @@ class FakeGather:
         self.waited, self.done = True, 1.0
         return []
 
+    def drain(self) -> None:
+        self.drained = True
+
 
 def make(captures, peer=None, overlap=True):
     comm = FakeComm(peer or {})
     launched: list[str] = []
 
+    gathers: list[FakeGather] = []
+
     def launch(layer: LayerStep) -> Pending:
         launched.append(layer.capture.name)
-        return Pending(layer, FakeGather(layer.a.shape[0]))
+        gathers.append(FakeGather(layer.a.shape[0]))
+        return Pending(layer, gathers[-1])
 
-    return LayerScheduler("test", comm, lambda: captures, launch, lambda: overlap), comm, launched
+    sched = LayerScheduler("test", comm, lambda: captures, launch, lambda: overlap)
+    sched.test_gathers = gathers  # what each launch returned, for the tests to inspect
+    return sched, comm, launched
 
 
 def _word(rows: int, position: int) -> int:
@@ -125,6 +133,10 @@ def test_a_second_backward_after_launch_is_refused_and_nothing_is_left_in_flight
     with pytest.raises(RuntimeError, match="recorded pairs after their collective had started"):
         sched.finish_round(lambda ps: None)
     assert a.recorded_rows == 0
+    # waited out without wait(), which may start a collective of its own (an 8-bit sum's all_gather) that the
+    # other ranks, not on this path, would pair with something else
+    (gather,) = sched.test_gathers
+    assert getattr(gather, "drained", False) and not gather.waited
 
 
 def test_more_rows_than_announced_is_an_error():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dtrain.compression.comm import Comm
 from dtrain.compression.dtypes import decode_columns, encode_columns, matrix_bytes
 
 
@@ -26,3 +27,22 @@ def test_scaled_columns_round_trip_within_their_precision(name, rel_error):
 
 def test_cast_formats_carry_no_scales():
     assert matrix_bytes("bf16", 10, 3) == 60 and matrix_bytes("fp32", 10, 3) == 120
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_makes_its_column_non_finite_not_zero(name, bad):
+    m = torch.randn(10, 2)
+    m[3, 1] = bad
+    back = decode_columns(encode_columns(m, name), name, 10, 2)
+    assert torch.isfinite(back[:, 0]).all()
+    assert not torch.isfinite(back[:, 1]).all()
+
+
+def test_an_8_bit_sum_of_a_nan_is_not_finite():
+    """At world size 1 (no process group): the sum and this rank's delivered share keep the NaN."""
+    t = torch.ones(300)
+    t[7] = float("nan")
+    handle = Comm().all_reduce_quantized_async(t, "test/nan", "int8")
+    assert not torch.isfinite(handle.wait()).all()
+    assert not torch.isfinite(handle.delivered()).all()

@@ -76,6 +76,9 @@ class _Share:
     def poll(self) -> None:
         self.handle.poll()
 
+    def drain(self) -> None:
+        self.handle.drain()
+
     @property
     def launched(self) -> float:
         return self.handle.launched
