@@ -3,7 +3,8 @@
 
 The rest's gradients travel as one flat vector per rank. With error feedback each rank keeps what its own
 encoding dropped (`memory.ErrorFeedback`: compensated = delivered + residual) and adds it to the next step's
-vector. How the vectors are combined depends on the format and on S:
+vector; a step whose sum is not finite (skipped by the trainer) leaves the residual as it was. How the vectors
+are combined depends on the format and on S:
 
 - 16 bits, S ≤ 2: one all-gather, and every rank sums the S vectors in fp32 in rank order (bitwise the same mean
   on every rank); wire (S−1) × payload, equal to a ring all-reduce's at S = 2;
@@ -58,7 +59,9 @@ class LossyRest:
             sent = compensated.to(wire_dtype(self.fmt))
             delivered = sent.to(torch.float32)
             total = self._sum_16_bit(comm, sent, name)
-        if self.error_feedback and bool(torch.isfinite(compensated).all()):
+        # decided on the sum, the same on every rank: a NaN on one rank reaches the others' delivered shares through
+        # the 8-bit sum's second encoding, and the step is skipped everywhere anyway
+        if self.error_feedback and bool(torch.isfinite(total).all()):
             self.memory.update(RESIDUAL, compensated, delivered)
         total /= comm.world_size
         for g, chunk in zip(grads, total.split([g.numel() for g in grads])):
