@@ -27,7 +27,7 @@ from .base import CommStats, Strategy
 from .buckets import BucketedMean, grad_or_zeros, trainable_parameters
 from .comm import Comm
 from .dtypes import QUANTIZED, quantized_sum_bytes, wire_dtype
-from .lowrank import orthonormalize
+from .lowrank import orthonormalize, thin_product
 from .memory import ErrorFeedback, TensorMemory
 
 
@@ -80,9 +80,11 @@ def power_iteration_mean(
     identical on every rank after their all-reduce, so the approximations are too.
     """
     qs = [orthonormalize(q) for q in qs]
-    ps = _sum_packed([m @ q for m, q in zip(matrices, qs)], plans, all_reduce, "powersgd/P", factor_dtype)
+    ps = _sum_packed([thin_product(m, q) for m, q in zip(matrices, qs)], plans, all_reduce, "powersgd/P", factor_dtype)
     ps = [orthonormalize(p) for p in ps]
-    qs = _sum_packed([m.T @ p for m, p in zip(matrices, ps)], plans, all_reduce, "powersgd/Q", factor_dtype)
+    qs = _sum_packed(
+        [thin_product(m.T, p) for m, p in zip(matrices, ps)], plans, all_reduce, "powersgd/Q", factor_dtype
+    )
     qs = [q / world_size for q in qs]
     return [p @ q.T for p, q in zip(ps, qs)], qs
 
