@@ -7,7 +7,7 @@ BIN=${VENV:-.venv}/bin
 OUT=runs/quickstart
 export DS_ACCELERATOR=cpu
 # rank-dAD at k 6 with 8-bit factors and rest: on this model 11.9x fewer wire bytes than fp32 ring all-reduce at
-# -0.7 points (2 seeds), where the config's k 2 with fp32 factors gives 7.5x at -3.9 points (README, Bytes)
+# -0.8 points (2 seeds), where the config's k 2 with fp32 factors gives 7.5x at -3.9 points (README, Bytes)
 RANKDAD="comm.rank=6 comm.factor_dtype=int8 comm.rest_dtype=int8"
 for strategy in allreduce rankdad; do
   extra=""
