@@ -136,7 +136,8 @@ class _InFlight:
             self.done = time.perf_counter()
 
     def drain(self) -> None:
-        """Wait for the collective in flight without accounting it (an error path)."""
+        """Wait for the collective in flight without accounting it and start nothing (an error path: a collective
+        started here would pair with whatever the other ranks call next)."""
         if self.work is not None:
             self.work.wait()
 
@@ -223,14 +224,14 @@ class AsyncQuantizedReduce(_InFlight):
         padded[: self.numel] = tensor
         chunks = padded.view(S, self.blocks, self.block)
         self.send = torch.stack([encode_columns(chunk.T, fmt) for chunk in chunks])
-        send = self.send
         self._owner_loss: torch.Tensor | None = None  # what encoding the sum this rank owns lost (set in wait())
-        payload = send.numel()
+        payload = self.send.numel()
         super().__init__(comm, name, payload, _bytes_by_part(values_of, payload, self.numel))
-        self.recv = torch.empty_like(send) if S > 1 else send
-        _settle(send)
+        self.recv = torch.empty_like(self.send) if S > 1 else self.send
+        _settle(self.send)
         self.launched = time.perf_counter()
-        self._started(dist.all_to_all_single(self.recv, send, group=comm.group, async_op=True) if S > 1 else None)
+        work = dist.all_to_all_single(self.recv, self.send, group=comm.group, async_op=True) if S > 1 else None
+        self._started(work)
         self._sum: torch.Tensor | None = None
 
     def _decode(self, data: torch.Tensor) -> torch.Tensor:
@@ -273,12 +274,6 @@ class AsyncQuantizedReduce(_InFlight):
         mine = torch.stack([self._decode(row) for row in self.send])
         mine[self.comm.rank] += self._owner_loss
         return mine.reshape(-1)[: self.numel]
-
-    def drain(self) -> None:
-        """Wait for the collective already in flight and start nothing (an error path: leave no collective
-        behind without pairing a new one with whatever the other ranks call next)."""
-        if self._sum is None and self.work is not None:
-            self.work.wait()
 
 
 def _bytes_by_part(values_of: Mapping[str, int] | None, payload: int, numel: int) -> dict[str, int] | None:

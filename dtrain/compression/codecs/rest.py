@@ -38,6 +38,8 @@ class LossyRest:
         self.error_feedback = error_feedback
         self.prefix = prefix
         self.memory = ErrorFeedback()
+        # the collective's name in the per-layer bytes: the 16-bit ones keep torch's dtype name, as before 8 bits
+        self.label = f"{prefix}/{fmt if fmt in QUANTIZED else str(wire_dtype(fmt)).split('.')[-1]}"
 
     def __call__(self, comm: Comm) -> None:
         if not self.params:
@@ -51,14 +53,13 @@ class LossyRest:
                 f"{flat.numel()} gradient elements (state from another model?)"
             )
         compensated = self.memory.compensate(RESIDUAL, flat)
-        name = f"{self.prefix}/{self.fmt if self.fmt in QUANTIZED else str(wire_dtype(self.fmt)).split('.')[-1]}"
         if self.fmt in QUANTIZED:
-            handle = comm.all_reduce_quantized_async(compensated, name, self.fmt)
+            handle = comm.all_reduce_quantized_async(compensated, self.label, self.fmt)
             total, delivered = handle.wait().clone(), handle.delivered()
         else:
             sent = compensated.to(wire_dtype(self.fmt))
             delivered = sent.to(torch.float32)
-            total = self._sum_16_bit(comm, sent, name)
+            total = self._sum_16_bit(comm, sent, self.label)
         # decided on the sum, the same on every rank: a NaN on one rank reaches the others' delivered shares through
         # the 8-bit sum's second encoding, and the step is skipped everywhere anyway
         if self.error_feedback and bool(torch.isfinite(total).all()):
